@@ -68,7 +68,7 @@ def record_received(session: Session, *, obj: ReceivedObject) -> RecordOutcome:
             # Keep both; don't analyse the second copy: which bytes are right is a human decision.
             reason = reason or NotAnalysedReason.UID_CONFLICT
         inst = Instance(
-            study=study,
+            study_pk=study.id,
             sop_instance_uid=obj.sop_instance_uid,
             sop_class_uid=obj.sop_class_uid,
             series_instance_uid=obj.series_instance_uid,
@@ -94,6 +94,8 @@ def record_received(session: Session, *, obj: ReceivedObject) -> RecordOutcome:
                 session.add(inst)
             if reason:
                 refresh_study(session, study=study)
+            else:
+                session.flush()
             session.commit()
         except IntegrityError:
             session.rollback()
@@ -176,6 +178,7 @@ class BoxRecord:
 class AnalysisRecord:
     pneumonia_probability: float
     flagged: bool
+    threshold: float
     boxes: Sequence[BoxRecord]
     label_probabilities: dict[str, float]
     heatmap: list[list[float]] | None
@@ -202,11 +205,12 @@ def save_analysis(
     )
     if found is None:
         analysis = Analysis(
-            instance=inst,
+            instance_pk=inst.id,
             model_version=model_version,
             demo_model=demo_model,
             pneumonia_probability=float(result.pneumonia_probability),
             flagged=bool(result.flagged),
+            threshold=float(result.threshold),
             label_probabilities={k: float(v) for k, v in result.label_probabilities.items()},
             heatmap=result.heatmap,
             created_at=now,
@@ -463,3 +467,34 @@ def count_by_state(session: Session) -> dict[str, int]:
 
 
 __all__ = [name for name in dir() if not name.startswith("_") and name not in {"Any", "exists"}]
+
+
+def claim_outbox(session: Session, *, outbox_id: int, now: datetime, lease: timedelta) -> OutboxItem | None:
+    """Take a pending, due outbox row for one send attempt (a compare-and-set on next_attempt_at); commits.
+
+    Two workers (a sweep and an admin re-send, say) can't send the same row at the same time; if the sender dies,
+    the row becomes due again when the lease runs out.
+    """
+    result = session.execute(
+        update(OutboxItem)
+        .where(OutboxItem.id == outbox_id, OutboxItem.state == OutboxState.PENDING, OutboxItem.next_attempt_at <= now)
+        .values(next_attempt_at=now + lease)
+    )
+    session.commit()
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return None
+    return session.scalars(
+        select(OutboxItem).where(OutboxItem.id == outbox_id).options(selectinload(OutboxItem.report))
+    ).one()
+
+
+def report_sources(session: Session, *, plan: ReportPlan) -> list[tuple[Instance, Analysis]]:
+    """The analysed instances an SR covers, each with its analysis of the plan's model version."""
+    rows = session.execute(
+        select(Instance, Analysis)
+        .join(Analysis, Analysis.instance_pk == Instance.id)
+        .where(Instance.id.in_(plan.instance_ids), Analysis.model_version == plan.model_version)
+        .options(selectinload(Analysis.boxes))
+        .order_by(Instance.id)
+    ).all()
+    return [(inst, analysis) for inst, analysis in rows]

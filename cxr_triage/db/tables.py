@@ -154,6 +154,7 @@ class Analysis(Base):
     demo_model: Mapped[bool] = mapped_column(Boolean, default=False)
     pneumonia_probability: Mapped[float] = mapped_column(Float)
     flagged: Mapped[bool] = mapped_column(Boolean)
+    threshold: Mapped[float] = mapped_column(Float)  # operating point the flag was decided with
     label_probabilities: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     heatmap: Mapped[list[Any] | None] = mapped_column(JSON)  # small grid (rows of floats) over the image extent
     created_at: Mapped[datetime] = mapped_column(UTC_DATETIME)
@@ -219,3 +220,4 @@ class OutboxItem(Base):
     sent_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
 
     report: Mapped[StructuredReport] = relationship(back_populates="outbox")
+import cxr_triage.db.tables_auth  # noqa: E402,F401  (registers User/ApiToken/AuditEvent on Base.metadata)

@@ -115,6 +115,7 @@ def upgrade() -> None:
     sa.Column('demo_model', sa.Boolean(), nullable=False),
     sa.Column('pneumonia_probability', sa.Float(), nullable=False),
     sa.Column('flagged', sa.Boolean(), nullable=False),
+    sa.Column('threshold', sa.Float(), nullable=False),
     sa.Column('label_probabilities', sa.JSON(), nullable=False),
     sa.Column('heatmap', sa.JSON(), nullable=True),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),

@@ -1,0 +1,108 @@
+"""`cxr-triage up`: the whole service in one supervised process tree on embedded defaults.
+
+bundled Redis (AOF) + SQLite (WAL) + listener + analyze worker + deliver worker with beat + web UI.
+Each part is a child process running the same `cxr-triage` sub-command a production deployment runs
+separately; a child that dies is restarted with backoff; Ctrl-C (or SIGTERM) stops all of them cleanly.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from cxr_triage.bundled_redis import BundledRedis
+from cxr_triage.core.settings import Settings
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+    next_start: float = 0.0
+    history: list[int] = field(default_factory=list)
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "cxr_triage", *args]
+
+
+def children_for(settings: Settings) -> list[Child]:
+    return [
+        Child("listener", _cli("listen")),
+        Child("worker-analyze", _cli("work", "--queues", "analyze")),
+        Child("worker-deliver", _cli("work", "--queues", "deliver", "--beat")),
+        Child("api", _cli("api")),
+    ]
+
+
+def run_up(settings: Settings, *, echo: callable = print) -> int:  # type: ignore[valid-type]
+    env = dict(os.environ)
+    env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
+    redis_server: BundledRedis | None = None
+    if settings.bundled_redis:
+        redis_server = BundledRedis(settings.redis_dir, socket_path=settings.bundled_redis_socket)
+        redis_server.start()
+        env["CXR_REDIS_URL"] = redis_server.url
+        echo(f"broker    bundled Redis (AOF) at {redis_server.socket_path}")
+    else:
+        echo("broker    external Redis (CXR_REDIS_URL)")
+    echo(f"database  {'SQLite (WAL) in ' + str(settings.data_dir) if settings.database_url is None else 'CXR_DATABASE_URL'}")
+    echo(f"dicom     AE {settings.ae_title} listening on {settings.dicom_host}:{settings.dicom_port}")
+    echo(f"results   {', '.join(str(d) for d in settings.pacs) or 'no PACS configured (CXR_PACS): SRs are kept in ' + str(settings.sr_dir)}")
+    echo(f"web UI    http://{settings.api_host}:{settings.api_port}/")
+    if settings.demo_models:
+        echo("models    CXR_DEMO_MODELS=1: UNTRAINED DEMO MODEL weights - results are not clinically meaningful")
+
+    stopping = False
+
+    def _stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, _stop)
+    signal.signal(signal.SIGTERM, _stop)
+    children = children_for(settings)
+    try:
+        while not stopping:
+            now = time.monotonic()
+            for child in children:
+                if child.process is not None and child.process.poll() is not None:
+                    code = child.process.returncode
+                    child.history.append(code)
+                    child.process = None
+                    backoff = min(30.0, 2 ** min(child.restarts, 5))
+                    child.next_start = now + backoff
+                    child.restarts += 1
+                    echo(f"{child.name} exited with {code}; restarting in {backoff:.0f} s")
+                if child.process is None and now >= child.next_start:
+                    child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+                    child.started_at = now
+                    echo(f"{child.name} started (pid {child.process.pid})")
+                elif child.process is not None and now - child.started_at > 60:
+                    child.restarts = 0  # ran long enough: reset the backoff
+            time.sleep(0.2)
+    finally:
+        echo("stopping ...")
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+        if redis_server is not None:
+            redis_server.stop()
+        echo("stopped")
+    return 0
