@@ -19,6 +19,7 @@ PHI_KEYS = frozenset(
         "patient_name", "patient_id", "patient_birth_date", "patient_sex", "accession_number",
         "study_instance_uid", "series_instance_uid", "sop_instance_uid", "referring_physician",
         "study_description", "institution", "other_patient_ids", "dataset", "ds", "header",
+        "patientname", "patientid", "patientbirthdate", "accessionnumber", "studyinstanceuid", "sopinstanceuid",
     }
 )
 

@@ -37,7 +37,10 @@ class WorkerContext:
                 from cxr_triage.models.analyzer import NotAnalysable, build_analyzer
 
                 analyzer = build_analyzer(
-                    models_dir=self.settings.models_path, demo=self.settings.demo_models, engine=self.settings.engine
+                    models_dir=self.settings.models_path,
+                    demo=self.settings.demo_models,
+                    engine=self.settings.engine,
+                    max_bytes=self.settings.max_image_bytes,
                 )
                 batcher = MicroBatcher(
                     analyzer.infer, max_batch=self.settings.batch_size, max_wait_ms=self.settings.batch_wait_ms

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from structlog.testing import capture_logs
+
+from cxr_triage.core.logging import drop_phi, get_logger
+
+
+def test_phi_keys_are_redacted_by_the_processor() -> None:
+    event = drop_phi(None, "info", {"event": "x", "patient_name": "DOE^JANE", "instance": 3, "AccessionNumber": "A1"})
+    assert event["patient_name"] == "[redacted]" and event["instance"] == 3
+
+
+def test_capture_logs_of_pipeline_events_have_no_phi() -> None:
+    with capture_logs(processors=[drop_phi]) as logs:
+        get_logger("t").info("analysed", instance=5, patient_id="12345", sop_instance_uid="1.2.3")
+    text = repr(logs)
+    assert "12345" not in text and "1.2.3" not in text and "instance" in text

@@ -1,0 +1,98 @@
+"""The whole service as a user runs it (`cxr-triage up`), fed by DCMTK storescu, answering to a real DCMTK
+storescp and a real Orthanc: every SR that arrives must validate with dciodvfy and open with highdicom."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import highdicom as hd
+import pydicom
+import pytest
+
+from cxr_triage.dicom_node.netutil import free_port, wait_for_port
+from tests.dicomize import DICOM_FILES, nih_pngs, png_to_dx
+from tests.integration.service import storescu, wait_until
+from tests.peers import orthanc_get, run_orthanc, run_storescp
+
+pytestmark = pytest.mark.slow
+
+N_NIH = 6
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
+
+
+def test_up_receives_analyses_and_reports_to_two_pacs(tmp_path: Path, demo_models_cache: Path) -> None:
+    inputs = sorted(DICOM_FILES.glob("*.dcm")) + [png_to_dx(p, tmp_path / "in") for p in nih_pngs(N_NIH)]
+    # In scope and analysable: the SC file, one of the conflicting SIIM pair, the J2K CR, and the NIH images;
+    # the veterinary lateral is recorded as not analysed and gets no SR.
+    expected_studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in inputs
+                        if "veterinary" not in f.name}
+    with run_storescp(tmp_path / "scp", ae="PACS") as (host, scp_port, scp_out), run_orthanc(tmp_path / "orthanc") as (
+        orthanc_dicom, orthanc_http
+    ):
+        dicom_port, api_port = free_port(), free_port()
+        env = dict(
+            os.environ,
+            CXR_DATA_DIR=str(tmp_path / "var"),
+            CXR_DICOM_PORT=str(dicom_port),
+            CXR_API_PORT=str(api_port),
+            CXR_PACS=f"PACS@{host}:{scp_port},ORTHANC@127.0.0.1:{orthanc_dicom}",
+            CXR_DEMO_MODELS="1",
+            CXR_MODELS_DIR=str(demo_models_cache),
+            CXR_STUDY_STABLE_SECONDS="1",
+            CXR_DISK_RESERVE_MB="64",
+            PYTHONUNBUFFERED="1",
+        )
+        env.pop("CXR_REDIS_URL", None)
+        env.pop("CXR_DATABASE_URL", None)
+        log = open(tmp_path / "up.log", "wb")
+        up = subprocess.Popen([sys.executable, "-m", "cxr_triage", "up"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            assert wait_for_port("127.0.0.1", dicom_port, timeout=120), (tmp_path / "up.log").read_text()
+            results = storescu(dicom_port, inputs)
+            assert all(r.returncode == 0 for r in results), [r.stdout for r in results]
+
+            def arrived() -> list[Path]:
+                return [p for p in scp_out.rglob("*") if p.is_file()]
+
+            wait_until(lambda: len(arrived()) >= len(expected_studies), timeout=240, what="SRs at storescp")
+            wait_until(lambda: len(orthanc_get(orthanc_http, "/instances")) >= len(expected_studies), timeout=60,
+                       what="SRs at Orthanc")
+            srs = [pydicom.dcmread(p) for p in arrived()]
+            assert {str(ds.StudyInstanceUID) for ds in srs} == expected_studies
+            assert len(srs) == len(expected_studies), "exactly one SR per study"
+            for path, ds in zip(arrived(), srs, strict=True):
+                assert ds.Modality == "SR"
+                assert dciodvfy_errors(path) == [], path
+                report = hd.sr.srread(path)
+                assert "UNTRAINED DEMO MODEL" in str(ds.ContentSequence) or "UNTRAINED DEMO MODEL" in str(report)
+                assert report.PatientID == ds.PatientID
+            orthanc_uids = {orthanc_get(orthanc_http, f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
+                            for i in orthanc_get(orthanc_http, "/instances")}
+            assert orthanc_uids == {str(ds.SOPInstanceUID) for ds in srs}
+
+            query = subprocess.run([sys.executable, "-m", "cxr_triage", "query", "--format", "json", "--limit", "1000"],
+                                   env=env, capture_output=True, text=True, timeout=60)
+            assert query.returncode == 0, query.stderr
+            rows = json.loads(query.stdout)
+            states = sorted(r["state"] for r in rows)
+            assert states.count("analysed") == len(expected_studies)
+            assert states.count("not_analysed") == 1  # the veterinary lateral
+            assert all(r["model_note"] == "UNTRAINED DEMO MODEL" for r in rows if r["state"] == "analysed")
+        finally:
+            up.send_signal(signal.SIGINT)
+            try:
+                code = up.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                up.kill()
+                code = -9
+            log.close()
+        assert code == 0, (tmp_path / "up.log").read_text()[-5000:]
