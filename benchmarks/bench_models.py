@@ -1,0 +1,136 @@
+"""Model + preprocessing benchmark: images/s and latency per engine, ratio to the best engine and to the
+FLOP floor (model FLOPs / measured peak matmul FLOP/s), and decode+window time per transfer syntax with
+imagecodecs (ours) vs pydicom's default pixel handlers.
+
+    python benchmarks/bench_models.py [--models-dir DIR] [--threads 2] [--quick]
+
+Uses the deterministic demo models (built/cached in --models-dir) and the real files in ../shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO / ".." / "shared" / "data"
+
+
+def _time(fn, repeat: int, warmup: int = 1) -> float:  # type: ignore[no-untyped-def]
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def peak_flops(threads: int) -> float:
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(2048, 2048)
+    b = torch.randn(2048, 2048)
+    t = _time(lambda: a @ b, 5)
+    return 2 * 2048**3 / t
+
+
+def model_flops(module, shape) -> float:  # type: ignore[no-untyped-def]
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        module(torch.zeros(shape))
+    return float(fc.get_total_flops())
+
+
+def bench_models(models_dir: Path, threads: int, quick: bool) -> None:
+    import torch
+
+    from cxr_triage.models.demo import ensure_demo_models
+    from cxr_triage.models.engines import OrtEngine, TorchEngine, available_engines
+    from cxr_triage.models.export import load_card_module, output_names_for
+
+    torch.set_num_threads(threads)
+    cards = ensure_demo_models(models_dir)
+    peak = peak_flops(threads)
+    print(f"\npeak matmul: {peak / 1e9:.1f} GFLOP/s on {threads} threads; engines here: {available_engines()}")
+    print(f"{'model':10s} {'engine':12s} {'batch':>5s} {'latency ms':>11s} {'img/s':>8s} {'vs best':>8s} {'vs FLOP floor':>14s}")
+    for card in cards:
+        module = load_card_module(card)
+        spec = card.input
+        flops = model_flops(module, (1, spec.channels, spec.size, spec.size))
+        rows = []
+        for batch in (1, 8):
+            x = np.random.default_rng(0).standard_normal((batch, spec.channels, spec.size, spec.size)).astype(np.float32)
+            engines = [OrtEngine(card.onnx_path, intra_op_threads=threads),
+                       TorchEngine(module, output_names=output_names_for(card), intra_op_threads=threads)]
+            if torch.cuda.is_available():
+                engines.append(TorchEngine(load_card_module(card), output_names=output_names_for(card), device="cuda"))
+            for e in engines:
+                rep = 2 if (quick or card.task == "detection" or batch == 8) else 5
+                t = _time(lambda: e.run(x), rep)
+                rows.append((card.task[:10], f"{e.name}:{e.providers[0][:4]}", batch, t))
+        for task, name, batch, t in rows:
+            best = min(r[3] / r[2] for r in rows if r[2] == batch)
+            floor = flops * batch / peak
+            print(f"{task:10s} {name:12s} {batch:5d} {t * 1e3:11.1f} {batch / t:8.2f} {t / batch / best:8.2f}x "
+                  f"{t / floor:13.1f}x")
+        print(f"  ({card.name}: {flops / 1e9:.2f} GFLOP per image; FLOP floor {flops / peak * 1e3:.1f} ms/img)")
+
+
+def bench_preprocess() -> None:
+    import pydicom
+
+    from cxr_triage.models.preprocess import InputSpec, load_image, prepare
+
+    files = {
+        "JPEG baseline": DATA / "dicom" / "siim-cr-pa-jpeg-baseline.dcm",
+        "JPEG 2000 (15-bit)": DATA / "dicom" / "wg04-cr-chest-pa-j2k-monochrome1.dcm",
+        "uncompressed": DATA / "dicom" / "nih-dx-secondary-capture.dcm",
+        "PNG (8-bit)": sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[0],
+    }
+    spec = InputSpec(224, 1, "xrv")
+    print(f"\n{'preprocess':20s} {'ours decode+LUT ms':>19s} {'+resize ms':>11s} {'pydicom pixel_array ms':>23s} {'pydicom apply_voi_lut ms':>25s}")
+    for name, path in files.items():
+        ours = _time(lambda: load_image(path), 5)
+        img = load_image(path)
+        rs = _time(lambda: prepare(img, spec), 5)
+        if path.suffix == ".dcm":
+            def ref() -> None:
+                ds = pydicom.dcmread(path)
+                arr = ds.pixel_array
+                from pydicom.pixels import apply_voi_lut, apply_modality_lut
+
+                apply_voi_lut(apply_modality_lut(arr, ds), ds)
+
+            def ref_decode() -> None:
+                pydicom.dcmread(path).pixel_array  # noqa: B018
+
+            r1 = f"{_time(ref_decode, 3) * 1e3:23.1f}"
+            r2 = f"{_time(ref, 3) * 1e3:25.1f}"
+        else:
+            r1 = r2 = f"{'-':>23s}"
+        print(f"{name:20s} {ours * 1e3:19.1f} {rs * 1e3:11.1f} {r1} {r2}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models-dir", type=Path, default=Path("/tmp/cxr-triage-bench-models"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--skip-models", action="store_true")
+    args = ap.parse_args()
+    bench_preprocess()
+    if not args.skip_models:
+        bench_models(args.models_dir, args.threads, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,61 @@
+"""Settings owned by the API process (read from the environment next to core Settings; prefix ``CXR_``).
+
+=============================  =========  ==================================================================
+variable                       default    meaning
+=============================  =========  ==================================================================
+CXR_MAX_WAIT_STAT              15         worklist: minutes before a STAT study is promoted to "overdue"
+CXR_MAX_WAIT_FLAGGED           30         ... suspected pneumonia
+CXR_MAX_WAIT_HIGH              60         ... HIGH urgency
+CXR_MAX_WAIT_NOT_ANALYSED      60         ... studies without an automated result
+CXR_MAX_WAIT_ROUTINE           240        ... routine / medium / unknown urgency
+CXR_MAX_WAIT_LOW               480        ... LOW urgency
+CXR_SESSION_SECRET             (random)   key signing session cookies; random per process if unset (sessions
+                                          then end at restart, and several API processes cannot share them)
+CXR_SESSION_MAX_AGE_S          28800      session cookie lifetime
+CXR_COOKIE_SECURE              false      mark the session cookie Secure (set true behind HTTPS)
+CXR_SERVICE_SEES_PHI           false      whether role "service" may see/filter by patient ID / accession
+CXR_METRICS_PUBLIC             false      serve /metrics without authentication
+CXR_SSE_POLL_S                 1.0        how often the live worklist stream polls the database
+CXR_SSE_MAX_S                  300        a stream ends after this long; the browser reconnects by itself
+CXR_BROKER_QUEUES              celery     comma-separated Redis list names reported as broker queue length
+=============================  =========  ==================================================================
+"""
+
+from __future__ import annotations
+
+import secrets
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cxr_triage.api.priority import PriorityPolicy
+
+
+class ApiSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CXR_", env_file=".env", env_file_encoding="utf-8", extra="ignore")
+
+    max_wait_stat: float = Field(15, gt=0)
+    max_wait_flagged: float = Field(30, gt=0)
+    max_wait_high: float = Field(60, gt=0)
+    max_wait_not_analysed: float = Field(60, gt=0)
+    max_wait_routine: float = Field(240, gt=0)
+    max_wait_low: float = Field(480, gt=0)
+    session_secret: str = Field(default_factory=lambda: secrets.token_urlsafe(32), min_length=16)
+    session_max_age_s: int = Field(8 * 3600, ge=60)
+    cookie_secure: bool = False
+    service_sees_phi: bool = False
+    metrics_public: bool = False
+    sse_poll_s: float = Field(1.0, gt=0, le=60)
+    sse_max_s: float = Field(300, gt=0)
+    broker_queues: str = "celery"
+
+    @property
+    def policy(self) -> PriorityPolicy:
+        return PriorityPolicy(
+            max_wait_stat=self.max_wait_stat,
+            max_wait_flagged=self.max_wait_flagged,
+            max_wait_high=self.max_wait_high,
+            max_wait_not_analysed=self.max_wait_not_analysed,
+            max_wait_routine=self.max_wait_routine,
+            max_wait_low=self.max_wait_low,
+        )

@@ -1,0 +1,163 @@
+"""Building blocks shared by the JSON API and the pages: worklist rows, study detail, model cards, filters."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from cxr_triage.api.priority import PriorityPolicy, WorklistItem, rank
+from cxr_triage.db import worklist
+from cxr_triage.db.results import DEMO_NOTE, conclusion_text, current_analyses, not_analysed_reasons, study_record
+from cxr_triage.db.tables import Study
+
+
+def _iso(v: datetime | None) -> str | None:
+    return v.isoformat() if v is not None else None
+
+
+def worklist_rows(session: Session, *, now: datetime, policy: PriorityPolicy) -> list[dict[str, Any]]:
+    studies = {s.id: s for s in worklist.unread_studies(session)}
+    items = [
+        WorklistItem(
+            study_id=s.id,
+            received_at=s.received_at,
+            urgency=s.urgency,
+            pneumonia_score=s.pneumonia_score,
+            flagged=s.flagged,
+            state=s.state,
+            not_analysed_reasons=tuple(not_analysed_reasons(s)),
+        )
+        for s in studies.values()
+    ]
+    rows = []
+    for position, r in enumerate(rank(items, now=now, policy=policy), start=1):
+        s = studies[r.study_id]
+        rows.append({
+            "position": position,
+            "study_id": s.id,
+            "tier": int(r.tier),
+            "tier_name": r.tier_name,
+            "overdue": r.overdue,
+            "reasons": list(r.reasons),
+            "waited_min": round(r.waited_min, 1),
+            "max_wait_min": r.max_wait_min,
+            "wait_class": r.wait_class,
+            "score": r.score,
+            "flagged": s.flagged,
+            "state": s.state,
+            "urgency": s.urgency,
+            "received_at": _iso(s.received_at),
+            "model_version": s.model_version,
+            "demo_model": bool(s.demo_model),
+            "accession_number": s.accession_number,
+            "patient_id": s.patient_id,
+            "patient_name": s.patient_name,
+            "study_description": s.study_description,
+            "n_images": len(s.instances),
+        })
+    return rows
+
+
+def load_model_cards(models_dir: Path) -> list[dict[str, Any]]:
+    cards = []
+    try:
+        paths = sorted(models_dir.glob("*.card.json"))
+    except OSError:
+        return []
+    for path in paths[:200]:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(data, dict):
+            cards.append(data)
+    return cards
+
+
+def model_card_for(models_dir: Path, version: str | None) -> dict[str, Any] | None:
+    if not version:
+        return None
+    for card in load_model_cards(models_dir):
+        names = {str(card.get(k)) for k in ("version", "model_version", "id") if card.get(k) is not None}
+        if card.get("name") is not None and card.get("version") is not None:
+            names.add(f"{card['name']}@{card['version']}")
+            names.add(f"{card['name']}-{card['version']}")
+            names.add(f"{card['name']}:{card['version']}")
+        if version in names:
+            return card
+    return None
+
+
+def study_detail(session: Session, study: Study, *, include_phi: bool, models_dir: Path) -> dict[str, Any]:
+    record = study_record(study, include_phi=include_phi)
+    if include_phi:
+        record.update(study_description=study.study_description, study_date=study.study_date,
+                      patient_sex=study.patient_sex, patient_birth_date=study.patient_birth_date)
+    analyses = {inst.id: a for inst, a in current_analyses(study)}
+    instances = []
+    for inst in study.instances:
+        a = analyses.get(inst.id)
+        instances.append({
+            "id": inst.id,
+            "state": inst.state,
+            "reason": inst.reason,
+            "view_position": inst.view_position,
+            "modality": inst.modality,
+            "rows": inst.rows,
+            "columns": inst.columns,
+            "image_url": f"/api/instances/{inst.id}/image",
+            "attempts": inst.attempts,
+            "timings": {
+                "received_at": _iso(inst.received_at),
+                "queued_at": _iso(inst.queued_at),
+                "started_at": _iso(inst.started_at),
+                "inferred_at": _iso(inst.inferred_at),
+                "stored_at": _iso(inst.stored_at),
+            },
+            "analysis": None if a is None else {
+                "id": a.id,
+                "model_version": a.model_version,
+                "demo_model": bool(a.demo_model),
+                "model_note": DEMO_NOTE if a.demo_model else "",
+                "pneumonia_probability": a.pneumonia_probability,
+                "flagged": a.flagged,
+                "label_probabilities": a.label_probabilities or {},
+                "heatmap": a.heatmap,
+                "created_at": _iso(a.created_at),
+                "boxes": [{"x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "score": b.score} for b in a.boxes],
+            },
+        })
+    reports = []
+    for rep in worklist.study_reports(session, study_id=study.id):
+        reports.append({
+            "id": rep.id,
+            "revision": rep.revision,
+            "model_version": rep.model_version,
+            "created_at": _iso(rep.created_at),
+            "deliveries": [
+                {"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
+                 "last_status": o.last_status, "last_error": o.last_error, "created_at": _iso(o.created_at),
+                 "sent_at": _iso(o.sent_at)}
+                for o in sorted(rep.outbox, key=lambda o: o.id)
+            ],
+        })
+    card = model_card_for(models_dir, study.model_version)
+    return {
+        "study": record,
+        "conclusion": conclusion_text(study),
+        "instances": instances,
+        "reports": reports,
+        "model_card": card,
+    }
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)

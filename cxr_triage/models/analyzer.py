@@ -1,0 +1,350 @@
+"""The worker-facing API: ``build_analyzer(...)`` once per process, then ``prepare`` (thread pool, GIL-free
+codecs) and ``infer`` (one engine call per model per micro-batch).
+
+Scores: ``pneumonia_probability`` is the classifier's probability of its card's ``positive_label``
+("Pneumonia"); ``flagged`` is ``probability >= card.operating_thresholds[positive_label]``. Detector boxes are
+decoded and NMS'd by :mod:`cxr_triage.models.postprocess`, gated by the classifier probability, and mapped to
+ORIGINAL pixel coordinates (x = column, y = row) with the preprocessing :class:`Transform`.
+``label_probabilities`` holds every classifier label plus ``"detector:<global class>"`` probabilities when a
+detector runs. ``heatmap`` is a 16x16 float32 class activation map of the positive label in [0, 1] whose grid
+spans the original image extent (row-major, top-left first).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .preprocess import ImageError, Transform, load_image, prepare as prepare_input, DEFAULT_MAX_BYTES
+from .registry import ModelCard, WeightsError, list_cards, verify_onnx
+
+__all__ = [
+    "PreparedImage",
+    "Box",
+    "ImageResult",
+    "NotAnalysable",
+    "ModelsUnavailable",
+    "Analyzer",
+    "build_analyzer",
+    "HEATMAP_SIZE",
+]
+
+HEATMAP_SIZE = 16
+ALGORITHM_NAME = "cxr-triage pneumonia classifier + opacity detector"
+
+
+@dataclass(frozen=True)
+class PreparedImage:
+    key: str
+    classifier_input: np.ndarray
+    detector_input: np.ndarray | None
+    classifier_transform: Transform
+    detector_transform: Transform | None
+    original_shape: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Box:
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    key: str
+    pneumonia_probability: float
+    flagged: bool
+    boxes: tuple[Box, ...]
+    label_probabilities: dict[str, float]
+    heatmap: np.ndarray | None
+
+
+class NotAnalysable(Exception):
+    """The image cannot be analysed (permanent). ``reason``: image-too-large, multi-frame, no-pixel-data,
+    decode-failed, not-dicom, unsupported-format, missing-attributes, unreadable."""
+
+    def __init__(self, reason: str, message: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message or reason)
+
+
+class ModelsUnavailable(RuntimeError):
+    """No usable model cards / files in the models directory."""
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return (1.0 / (1.0 + np.exp(-x.astype(np.float64)))).astype(np.float32)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _head_weight_from_onnx(path: Path, num_labels: int, channels: int | None = None) -> np.ndarray | None:
+    """The classifier head weight (L, C) from the ONNX initialisers (engine-agnostic CAM)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    candidates = []
+    for init in model.graph.initializer:
+        dims = tuple(init.dims)
+        if len(dims) == 2 and dims[0] == num_labels and (channels is None or dims[1] == channels):
+            candidates.append(init)
+    if not candidates:
+        return None
+    # prefer the last one (the head is the final Gemm)
+    return numpy_helper.to_array(candidates[-1]).astype(np.float32)
+
+
+def _heatmap(features: np.ndarray, weight: np.ndarray, transform: Transform) -> np.ndarray:
+    """CAM (h, w) over the model image -> HEATMAP_SIZE^2 over the original image extent, in [0, 1]."""
+    from PIL import Image
+
+    cam = np.maximum(np.tensordot(weight, features, axes=(0, 0)), 0.0).astype(np.float32)
+    mh, mw = transform.model_shape
+    up = np.asarray(Image.fromarray(cam, mode="F").resize((mw, mh), Image.Resampling.BILINEAR), dtype=np.float32)
+    ch, cw = transform.content_shape
+    oy, ox = int(round(transform.offset_y)), int(round(transform.offset_x))
+    content = up[oy : oy + max(ch, 1), ox : ox + max(cw, 1)]
+    small = np.asarray(
+        Image.fromarray(np.ascontiguousarray(content), mode="F").resize(
+            (HEATMAP_SIZE, HEATMAP_SIZE), Image.Resampling.BILINEAR
+        ),
+        dtype=np.float32,
+    )
+    small = np.maximum(small, 0.0)
+    peak = float(small.max(initial=0.0))
+    return (small / peak if peak > 0 else small).astype(np.float32)
+
+
+class Analyzer:
+    """Holds the model cards, engines and post-processing parameters. Build with :func:`build_analyzer`."""
+
+    def __init__(
+        self,
+        *,
+        classifier_card: ModelCard,
+        classifier_engine: Any,
+        detector_card: ModelCard | None = None,
+        detector_engine: Any = None,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.classifier_card = classifier_card
+        self.detector_card = detector_card
+        self.classifier_engine = classifier_engine
+        self.detector_engine = detector_engine
+        self.max_bytes = max_bytes
+        self.cards: tuple[ModelCard, ...] = tuple(c for c in (classifier_card, detector_card) if c is not None)
+        self.demo: bool = any(c.demo for c in self.cards)
+        self.model_version: str = "+".join(c.ref for c in self.cards)
+        self.algorithm_name: str = ("UNTRAINED DEMO MODEL - " if self.demo else "") + ALGORITHM_NAME
+        v = self.model_version
+        if len(v) > 64:  # DICOM LO limit for Algorithm Version
+            v = v[:47] + "~" + hashlib.sha256(v.encode()).hexdigest()[:16]
+        self.algorithm_version: str = v
+        self.display_names: tuple[str, ...] = tuple(c.display_name or c.name for c in self.cards)
+        self.engine_name: str = getattr(classifier_engine, "name", "?")
+        labels = classifier_card.labels
+        if classifier_card.positive_label not in labels:
+            raise ModelsUnavailable(
+                f"classifier {classifier_card.ref} has no label {classifier_card.positive_label!r}"
+            )
+        self._pos_index = labels.index(classifier_card.positive_label)
+        self._threshold = classifier_card.threshold
+        self._head: np.ndarray | None = None
+        onnx_path = classifier_card.onnx_path
+        if onnx_path is not None and onnx_path.is_file():
+            self._head = _head_weight_from_onnx(onnx_path, len(labels))
+        self._det_params = None
+        self._anchors = None
+        self._global_classes: tuple[str, ...] = ()
+        if detector_card is not None:
+            from .detector import detector_anchors
+            from .postprocess import DetectionParams
+
+            p = detector_card.architecture_params
+            known = {"score_threshold", "nms_threshold", "box_scale", "max_detections", "gate_weight"}
+            self._det_params = DetectionParams(**{k: v for k, v in detector_card.postprocess.items() if k in known})
+            self._anchors = detector_anchors(
+                image_size=int(p.get("image_size", detector_card.input.size)),
+                small_anchors=bool(p.get("small_anchors", True)),
+                backbone=str(p.get("backbone", "resnet50")),
+            )
+            self._global_classes = tuple(p.get("global_classes", ("Normal", "No Lung Opacity / Not Normal",
+                                                                   "Lung Opacity")))
+
+    # -- preparation (thread-safe: pure functions only) ------------------------------------------------
+    def prepare(self, path: Path, *, key: str) -> PreparedImage:
+        try:
+            image = load_image(path, max_bytes=self.max_bytes)
+        except ImageError as exc:
+            raise NotAnalysable(exc.reason, str(exc)) from None
+        if image.shape[0] < 8 or image.shape[1] < 8:
+            raise NotAnalysable("image-too-small", "image-too-small")
+        cls_in, cls_tf = prepare_input(image, self.classifier_card.input)
+        det_in = det_tf = None
+        if self.detector_card is not None:
+            det_in, det_tf = prepare_input(image, self.detector_card.input)
+        return PreparedImage(
+            key=key,
+            classifier_input=cls_in,
+            detector_input=det_in,
+            classifier_transform=cls_tf,
+            detector_transform=det_tf,
+            original_shape=(int(image.shape[0]), int(image.shape[1])),
+        )
+
+    # -- inference ---------------------------------------------------------------------------------------
+    def infer(self, batch: Sequence[PreparedImage]) -> list[ImageResult]:
+        if not batch:
+            return []
+        cls_out = self.classifier_engine.run(np.stack([b.classifier_input for b in batch]))
+        probs = cls_out["probabilities"]
+        feats = cls_out.get("features")
+        det_out = None
+        if self.detector_engine is not None and all(b.detector_input is not None for b in batch):
+            det_out = self.detector_engine.run(np.stack([b.detector_input for b in batch]))  # type: ignore[misc]
+        results = []
+        labels = self.classifier_card.labels
+        for i, item in enumerate(batch):
+            p = float(np.clip(probs[i, self._pos_index], 0.0, 1.0))
+            if not math.isfinite(p):
+                raise RuntimeError("classifier produced a non-finite probability")
+            label_probs = {lab: float(probs[i, j]) for j, lab in enumerate(labels)}
+            heatmap = None
+            if feats is not None and self._head is not None and self._head.shape[1] == feats.shape[1]:
+                heatmap = _heatmap(feats[i], self._head[self._pos_index], item.classifier_transform)
+            boxes: tuple[Box, ...] = ()
+            if det_out is not None and item.detector_transform is not None:
+                boxes = self._boxes(det_out, i, p, item.detector_transform)
+                if "global_logits" in det_out:
+                    g = _softmax(det_out["global_logits"][i])
+                    for name, v in zip(self._global_classes, g):
+                        label_probs[f"detector:{name}"] = float(v)
+            results.append(
+                ImageResult(
+                    key=item.key,
+                    pneumonia_probability=p,
+                    flagged=bool(p >= self._threshold),
+                    boxes=boxes,
+                    label_probabilities=label_probs,
+                    heatmap=heatmap,
+                )
+            )
+        return results
+
+    def _boxes(self, det_out: dict[str, np.ndarray], i: int, p: float, tf: Transform) -> tuple[Box, ...]:
+        from .postprocess import decode_detections, gate_with_classifier
+
+        assert self._det_params is not None and self._anchors is not None
+        dets = decode_detections(
+            det_out["cls_logits"][i], det_out["bbox_regression"][i], self._anchors, self._det_params,
+            image_size=tf.model_shape,
+        )
+        dets = gate_with_classifier(dets, p, self._det_params)
+        if len(dets) == 0:
+            return ()
+        orig = tf.to_original(dets[:, :4])
+        out = []
+        for (x0, y0, x1, y1), s in zip(orig.tolist(), dets[:, 4].tolist()):
+            if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:
+                out.append(Box(float(x0), float(y0), float(x1), float(y1), float(s)))
+        return tuple(out)
+
+
+def _pick(cards: list[ModelCard], task: str, name: str | None, *, demo: bool) -> ModelCard | None:
+    cands = [c for c in cards if c.task == task]
+    if name is not None:
+        for c in cands:
+            if c.name == name:
+                return c
+        raise ModelsUnavailable(f"no {task} model card named {name!r}")
+    real = [c for c in cands if not c.demo]
+    pool = (sorted(real, key=lambda c: c.name) or [c for c in cands if c.demo]) if not demo else (
+        [c for c in cands if c.demo] or sorted(real, key=lambda c: c.name))
+    if not demo:
+        pool = [c for c in pool if not c.demo]
+    return pool[0] if pool else None
+
+
+def _engine_for(card: ModelCard, kind: str, intra_op_threads: int | None) -> Any:
+    from .engines import EngineUnavailable, select_engine
+
+    if kind == "torch":
+        from .export import load_card_module, output_names_for
+
+        return select_engine("torch", module=load_card_module(card), output_names=output_names_for(card),
+                             intra_op_threads=intra_op_threads)
+    try:
+        onnx_path = verify_onnx(card)
+    except WeightsError as exc:
+        raise ModelsUnavailable(str(exc)) from None
+    plan = None
+    if kind in ("tensorrt", "auto"):
+        from .export import build_tensorrt_engine, tensorrt_available
+
+        if tensorrt_available():
+            precision = str(card.architecture_params.get("tensorrt_precision", "fp16"))
+            cache = (card.models_dir or onnx_path.parent) / "engines"
+            try:
+                plan = build_tensorrt_engine(onnx_path, precision=precision, max_batch=8, cache_dir=cache,
+                                             onnx_sha256=card.onnx.sha256 if card.onnx else None)
+            except Exception:  # noqa: BLE001 - auto falls back to ONNX Runtime
+                if kind == "tensorrt":
+                    raise
+                plan = None
+        elif kind == "tensorrt":
+            raise EngineUnavailable("tensorrt engine requested but TensorRT/CUDA are not available")
+    return select_engine(kind, onnx_path=onnx_path, plan_path=plan, intra_op_threads=intra_op_threads)
+
+
+def build_analyzer(
+    *,
+    models_dir: Path,
+    demo: bool = False,
+    engine: str = "auto",
+    classifier: str | None = None,
+    detector: str | None = None,
+    intra_op_threads: int | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> Analyzer:
+    """Pick the cards, verify their ONNX files and create the engines.
+
+    Without ``demo``, demo cards are ignored; if no real classifier card exists, raises :class:`ModelsUnavailable`.
+    With ``demo=True`` the deterministic untrained demo models are built (or reused) first and preferred.
+    ``detector="none"`` disables the detector.
+    """
+    models_dir = Path(models_dir)
+    if demo:
+        from .demo import ensure_demo_models
+
+        ensure_demo_models(models_dir)
+    cards = list_cards(models_dir)
+    cls_card = _pick(cards, "classification", classifier, demo=demo)
+    if cls_card is None:
+        raise ModelsUnavailable(
+            f"no classifier model in {models_dir}: import real weights with `cxr-triage models import PATH "
+            "--name NAME --version VERSION --architecture densenet121-xrv --format xrv` (or `models fetch`), "
+            "or set CXR_DEMO_MODELS=1 to run with UNTRAINED DEMO MODELS"
+        )
+    det_card = None if detector == "none" else _pick(cards, "detection", detector, demo=demo)
+    cls_engine = _engine_for(cls_card, engine, intra_op_threads)
+    det_engine = _engine_for(det_card, engine, intra_op_threads) if det_card is not None else None
+    return Analyzer(
+        classifier_card=cls_card,
+        classifier_engine=cls_engine,
+        detector_card=det_card,
+        detector_engine=det_engine,
+        max_bytes=max_bytes,
+    )

@@ -1,0 +1,82 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from cxr_triage.models.analyzer import ImageResult, ModelsUnavailable, NotAnalysable, build_analyzer
+
+from .conftest import dicom, nih_pngs
+
+IMAGES = [dicom("siim-cr-pa-jpeg-baseline.dcm"), dicom("veterinary-dx-lateral-thorax.dcm"), nih_pngs(1)[0]]
+
+
+@pytest.fixture(scope="module")
+def analyzer(demo_models_dir: Path):  # type: ignore[no-untyped-def]
+    return build_analyzer(models_dir=demo_models_dir, demo=True, intra_op_threads=2)
+
+
+@pytest.fixture(scope="module")
+def results(analyzer) -> list[ImageResult]:  # type: ignore[no-untyped-def]
+    prepared = [analyzer.prepare(p, key=f"k{i}") for i, p in enumerate(IMAGES)]
+    return analyzer.infer(prepared)
+
+
+def test_identity_fields(analyzer) -> None:  # type: ignore[no-untyped-def]
+    assert analyzer.demo is True
+    assert analyzer.model_version == "demo-classifier@0.0.0-demo+demo-detector@0.0.0-demo"
+    assert "UNTRAINED DEMO MODEL" in analyzer.algorithm_name
+    assert all("UNTRAINED DEMO MODEL" in c.display_name for c in analyzer.cards)
+    assert len(analyzer.algorithm_version) <= 64
+
+
+def test_results_are_sane(analyzer, results: list[ImageResult]) -> None:  # type: ignore[no-untyped-def]
+    assert [r.key for r in results] == ["k0", "k1", "k2"]
+    for path, r in zip(IMAGES, results):
+        rows, cols = (1024, 1024) if path.suffix == ".png" else (lambda d: (d.Rows, d.Columns))(
+            pydicom.dcmread(path, stop_before_pixels=True))
+        assert 0.0 <= r.pneumonia_probability <= 1.0
+        assert r.flagged == (r.pneumonia_probability >= analyzer.classifier_card.threshold)
+        assert r.label_probabilities["Pneumonia"] == pytest.approx(r.pneumonia_probability)
+        assert len(r.label_probabilities) == 18 + 3
+        assert r.heatmap is not None and r.heatmap.shape == (16, 16) and r.heatmap.dtype == np.float32
+        assert float(r.heatmap.min()) >= 0.0 and float(r.heatmap.max()) <= 1.0
+        assert len(r.boxes) <= 10
+        for b in r.boxes:
+            assert 0 <= b.x0 < b.x1 <= cols and 0 <= b.y0 < b.y1 <= rows
+            assert 0.0 <= b.score <= 1.0
+    assert any(r.boxes for r in results)  # the demo detector does emit (meaningless) boxes
+
+
+def test_deterministic_across_builds(demo_models_dir: Path, results: list[ImageResult]) -> None:
+    other = build_analyzer(models_dir=demo_models_dir, demo=True, intra_op_threads=2, detector="none")
+    again = other.infer([other.prepare(IMAGES[0], key="k0")])[0]
+    assert again.pneumonia_probability == pytest.approx(results[0].pneumonia_probability, abs=1e-6)
+    np.testing.assert_allclose(again.heatmap, results[0].heatmap, atol=1e-5)
+    assert again.boxes == ()
+
+
+def test_not_analysable_reasons(analyzer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    ds = pydicom.dcmread(dicom("nih-dx-secondary-capture.dcm"))
+    ds.Rows, ds.Columns = 60000, 60000
+    ds.save_as(tmp_path / "big.dcm")
+    with pytest.raises(NotAnalysable) as err:
+        analyzer.prepare(tmp_path / "big.dcm", key="x")
+    assert err.value.reason == "image-too-large"
+    del ds.PixelData
+    ds.save_as(tmp_path / "nopix.dcm")
+    with pytest.raises(NotAnalysable) as err:
+        analyzer.prepare(tmp_path / "nopix.dcm", key="x")
+    assert err.value.reason == "no-pixel-data"
+    (tmp_path / "junk.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\xff" * 50)
+    with pytest.raises(NotAnalysable):
+        analyzer.prepare(tmp_path / "junk.dcm", key="x")
+
+
+def test_models_unavailable_without_real_weights(tmp_path: Path, demo_models_dir: Path) -> None:
+    with pytest.raises(ModelsUnavailable, match="CXR_DEMO_MODELS=1"):
+        build_analyzer(models_dir=tmp_path)
+    with pytest.raises(ModelsUnavailable):  # demo cards are not used unless demo=True
+        build_analyzer(models_dir=demo_models_dir)

@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cxr_triage.models.engines import EngineUnavailable, OrtEngine, TorchEngine, select_engine
+from cxr_triage.models.export import load_card_module, output_names_for
+from cxr_triage.models.preprocess import load_image, prepare
+from cxr_triage.models.registry import find_card
+
+from .conftest import dicom, nih_pngs
+
+REAL = [dicom("siim-cr-pa-jpeg-baseline.dcm"), dicom("wg04-cr-chest-pa-j2k-monochrome1.dcm"), *nih_pngs(2)]
+
+
+def _rel_close(a: np.ndarray, b: np.ndarray, rtol: float) -> None:
+    scale = max(float(np.abs(b).max()), 1e-6)
+    assert float(np.abs(a - b).max()) <= rtol * scale, float(np.abs(a - b).max()) / scale
+
+
+def _batch(card, paths) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.stack([prepare(load_image(p), card.input)[0] for p in paths])
+
+
+def test_classifier_ort_matches_torch_on_real_images(demo_models_dir: Path) -> None:
+    card = find_card(demo_models_dir, "demo-classifier")
+    batch = _batch(card, REAL)
+    ort_out = OrtEngine(card.onnx_path, intra_op_threads=2).run(batch)
+    torch_out = TorchEngine(load_card_module(card), output_names=output_names_for(card)).run(batch)
+    assert ort_out["probabilities"].shape == (4, 18) and ort_out["features"].shape == (4, 1024, 7, 7)
+    _rel_close(ort_out["probabilities"], torch_out["probabilities"], 1e-4)
+    _rel_close(ort_out["features"], torch_out["features"], 1e-4)
+    # batch composition does not change a result
+    single = OrtEngine(card.onnx_path, intra_op_threads=2).run(batch[:1])
+    _rel_close(single["probabilities"][0], ort_out["probabilities"][0], 1e-5)
+
+
+def test_detector_ort_matches_torch(demo_models_dir: Path) -> None:
+    card = find_card(demo_models_dir, "demo-detector")
+    batch = _batch(card, REAL[:1])
+    ort_out = OrtEngine(card.onnx_path, intra_op_threads=2).run(batch)
+    torch_out = TorchEngine(load_card_module(card), output_names=output_names_for(card)).run(batch)
+    assert set(ort_out) == {"cls_logits", "bbox_regression", "global_logits"}
+    for k in ort_out:
+        _rel_close(ort_out[k], torch_out[k], 1e-4)
+
+
+def test_select_engine(demo_models_dir: Path) -> None:
+    card = find_card(demo_models_dir, "demo-classifier")
+    e = select_engine("auto", onnx_path=card.onnx_path, intra_op_threads=2)
+    assert e.name == "onnxruntime" and "CPUExecutionProvider" in e.providers
+    with pytest.raises(EngineUnavailable):
+        select_engine("onnxruntime")
+    with pytest.raises(ValueError):
+        select_engine("bogus")
+    with pytest.raises(EngineUnavailable):
+        select_engine("tensorrt", onnx_path=card.onnx_path)
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+@pytest.mark.gpu
+def test_torch_cuda_matches_cpu(demo_models_dir: Path) -> None:
+    if not _cuda():
+        pytest.skip("CUDA not available")
+    card = find_card(demo_models_dir, "demo-classifier")
+    batch = _batch(card, REAL)
+    cpu = TorchEngine(load_card_module(card), output_names=output_names_for(card)).run(batch)
+    gpu = TorchEngine(load_card_module(card), output_names=output_names_for(card), device="cuda").run(batch)
+    _rel_close(gpu["probabilities"], cpu["probabilities"], 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_tensorrt_matches_ort(demo_models_dir: Path, tmp_path: Path, precision: str) -> None:
+    pytest.importorskip("tensorrt")
+    if not _cuda():
+        pytest.skip("CUDA not available")
+    from cxr_triage.models.engines import TensorRTEngine
+    from cxr_triage.models.export import build_tensorrt_engine
+
+    card = find_card(demo_models_dir, "demo-classifier")
+    batch = _batch(card, REAL)
+    plan = build_tensorrt_engine(card.onnx_path, precision=precision, max_batch=8, cache_dir=tmp_path)
+    t0 = plan.stat().st_mtime_ns
+    assert build_tensorrt_engine(card.onnx_path, precision=precision, max_batch=8, cache_dir=tmp_path) == plan
+    assert plan.stat().st_mtime_ns == t0  # cached, not rebuilt
+    trt_out = TensorRTEngine(plan).run(batch)
+    ref = OrtEngine(card.onnx_path).run(batch)
+    tol = 1e-3 if precision == "fp32" else 2e-2
+    _rel_close(trt_out["probabilities"], ref["probabilities"], tol)
+    assert TensorRTEngine(plan).run(batch[:1])["probabilities"].shape == (1, 18)

@@ -1,0 +1,159 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr_triage.models.classifier import CheckpointError, build_classifier
+from cxr_triage.models.export import engine_cache_key
+from cxr_triage.models.registry import (
+    WeightsError,
+    fetch_weights,
+    find_card,
+    import_weights,
+    list_cards,
+    load_card,
+    verify_weights,
+)
+
+
+@pytest.fixture(scope="module")
+def xrv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    torch.manual_seed(3)
+    m = build_classifier("densenet121-xrv")
+    m.op_threshs = torch.rand(18)
+    path = tmp_path_factory.mktemp("ckpt") / "xrv.pt"
+    torch.save(m.state_dict(), path)
+    return path
+
+
+def test_import_writes_card_blob_and_onnx(tmp_path: Path, xrv_checkpoint: Path) -> None:
+    card = import_weights(xrv_checkpoint, models_dir=tmp_path, name="rsna-xrv", version="1.0",
+                          architecture="densenet121-xrv", format="xrv")
+    digest = hashlib.sha256(xrv_checkpoint.read_bytes()).hexdigest()
+    assert card.weights.sha256 == digest
+    assert card.weights.file == f"blobs/{digest}.pt" and (tmp_path / card.weights.file).is_file()
+    assert card.onnx is not None and (tmp_path / card.onnx.file).is_file()
+    assert card.onnx.output_names == ("probabilities", "features")
+    again = load_card(tmp_path / "rsna-xrv.card.json")
+    assert again.to_json() == card.to_json()
+    assert [c.name for c in list_cards(tmp_path)] == ["rsna-xrv"]
+    assert again.input.normalisation == "xrv" and again.input.size == 224 and "Pneumonia" in again.labels
+    assert verify_weights(again) == tmp_path / card.weights.file
+
+
+def test_corrupted_weights_are_refused_clearly(tmp_path: Path, xrv_checkpoint: Path) -> None:
+    card = import_weights(xrv_checkpoint, models_dir=tmp_path, name="m", version="1", architecture="densenet121-xrv",
+                          format="xrv", export=False)
+    blob = tmp_path / card.weights.file
+    data = blob.read_bytes()
+    blob.write_bytes(data[: len(data) // 2])
+    with pytest.raises(WeightsError, match="corrupted or was replaced"):
+        verify_weights(card)
+    blob.unlink()
+    with pytest.raises(WeightsError, match="missing"):
+        verify_weights(card)
+    # a truncated checkpoint imported directly: a clear CheckpointError, not a torch traceback
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        import_weights(trunc, models_dir=tmp_path, name="t", version="1", architecture="densenet121-xrv",
+                       format="xrv")
+    assert not (tmp_path / "t.card.json").exists()
+
+
+def test_wrong_architecture_is_refused(tmp_path: Path, xrv_checkpoint: Path) -> None:
+    with pytest.raises(CheckpointError, match="does not match|wrong shape"):
+        import_weights(xrv_checkpoint, models_dir=tmp_path, name="x", version="1",
+                       architecture="densenet121-chexnet", format="chexnet")
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    cut_first = False
+    requests: list[str | None] = []
+
+    def log_message(self, *args: object) -> None:  # quiet
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        rng = self.headers.get("Range")
+        type(self).requests.append(rng)
+        data = self.payload
+        start = 0
+        if rng:
+            start = int(rng.split("=")[1].split("-")[0])
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        body = data[start:]
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        if type(self).cut_first:
+            type(self).cut_first = False
+            self.wfile.write(body[: len(body) // 2])
+            self.wfile.flush()
+            self.connection.shutdown(2)
+            return
+        self.wfile.write(body)
+
+
+@pytest.fixture()
+def server(xrv_checkpoint: Path):
+    _Handler.payload = xrv_checkpoint.read_bytes()
+    _Handler.requests = []
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/weights.pt"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_fetch_over_http_with_resume(tmp_path: Path, server: str, xrv_checkpoint: Path) -> None:
+    digest = hashlib.sha256(xrv_checkpoint.read_bytes()).hexdigest()
+    _Handler.cut_first = True
+    with pytest.raises(WeightsError, match="interrupted"):
+        fetch_weights("net", models_dir=tmp_path, url=server, sha256=digest, version="2",
+                      architecture="densenet121-xrv", format="xrv", export=False)
+    parts = list((tmp_path / "downloads").glob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < len(_Handler.payload)
+    card = fetch_weights("net", models_dir=tmp_path, url=server, sha256=digest, version="2",
+                         architecture="densenet121-xrv", format="xrv", export=False)
+    assert _Handler.requests[0] is None and _Handler.requests[-1].startswith("bytes=")
+    assert card.weights.sha256 == digest and verify_weights(card).is_file()
+    assert find_card(tmp_path, "net").weights.source == server
+
+
+def test_fetch_refuses_sha_mismatch(tmp_path: Path, server: str) -> None:
+    with pytest.raises(WeightsError, match="refusing"):
+        fetch_weights("net", models_dir=tmp_path, url=server, sha256="0" * 64, version="1",
+                      architecture="densenet121-xrv", format="xrv", export=False)
+    assert not list((tmp_path / "downloads").glob("*.part"))
+    assert not (tmp_path / "net.card.json").exists()
+
+
+def test_fetch_file_url(tmp_path: Path, xrv_checkpoint: Path) -> None:
+    digest = hashlib.sha256(xrv_checkpoint.read_bytes()).hexdigest()
+    card = fetch_weights("f", models_dir=tmp_path, url=xrv_checkpoint.as_uri(), sha256=digest, version="1",
+                         architecture="densenet121-xrv", format="xrv", export=False)
+    assert card.weights.sha256 == digest
+
+
+def test_engine_cache_key_changes_with_every_input() -> None:
+    base = dict(onnx_sha256="a" * 64, tensorrt_version="10.3.0", gpu_name="NVIDIA H100", compute_capability=(9, 0),
+                precision="fp16", max_batch=8)
+    k = engine_cache_key(**base)
+    assert k == engine_cache_key(**base)
+    for field, value in [("onnx_sha256", "b" * 64), ("tensorrt_version", "10.4.0"), ("gpu_name", "NVIDIA L4"),
+                         ("compute_capability", (8, 9)), ("precision", "fp32"), ("max_batch", 16)]:
+        assert engine_cache_key(**{**base, field: value}) != k, field
+    i8 = {**base, "precision": "int8"}
+    assert engine_cache_key(**i8, calibration_sha256="x") != engine_cache_key(**i8, calibration_sha256="y")
+    with pytest.raises(ValueError):
+        engine_cache_key(**{**base, "precision": "fp64"})
