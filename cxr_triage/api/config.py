@@ -17,7 +17,7 @@ CXR_SERVICE_SEES_PHI           false      whether role "service" may see/filter 
 CXR_METRICS_PUBLIC             false      serve /metrics without authentication
 CXR_SSE_POLL_S                 1.0        how often the live worklist stream polls the database
 CXR_SSE_MAX_S                  300        a stream ends after this long; the browser reconnects by itself
-CXR_BROKER_QUEUES              celery     comma-separated Redis list names reported as broker queue length
+CXR_BROKER_QUEUES              analyze,deliver comma-separated Redis list names reported as broker queue length
 =============================  =========  ==================================================================
 """
 
@@ -47,7 +47,7 @@ class ApiSettings(BaseSettings):
     metrics_public: bool = False
     sse_poll_s: float = Field(1.0, gt=0, le=60)
     sse_max_s: float = Field(300, gt=0)
-    broker_queues: str = "celery"
+    broker_queues: str = "analyze,deliver"
 
     @property
     def policy(self) -> PriorityPolicy:

@@ -1,15 +1,16 @@
-"""Administrator actions requested from the web UI, carried out by publishing worker tasks."""
+"""Administrator actions requested from the web UI, carried out by publishing worker tasks.
+
+The API has already reset the database rows (db.worklist.prepare_requeue / reset_outbox_for_resend); this side
+only hands the ids to the workers. Both are safe to repeat: claims and outbox sends are idempotent.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
-
 from celery import Celery
-from sqlalchemy import update
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from cxr_triage.core.states import InstanceState, OutboxState
-from cxr_triage.db.tables import Instance, OutboxItem
+from cxr_triage.db.tables import OutboxItem
 from cxr_triage.worker.celery_app import TASK_DELIVER
 
 
@@ -19,30 +20,11 @@ class CeleryAdminActions:
         self._sessions = session_factory
 
     def requeue_instances(self, instance_ids: list[int]) -> None:
-        """Analyse again from scratch: attempts reset, state back to received, task published."""
-        now = datetime.now(timezone.utc)
-        with self._sessions() as session:
-            session.execute(
-                update(Instance)
-                .where(Instance.id.in_(instance_ids), Instance.state != InstanceState.DUPLICATE)
-                .values(state=InstanceState.QUEUED, attempts=0, reason=None, queued_at=now, started_at=None)
-            )
-            session.commit()
         for instance_id in instance_ids:
             self._celery.cxr_publish_analyze(instance_id)  # type: ignore[attr-defined]
 
     def resend_report(self, report_id: int) -> None:
-        """Send an SR again to every destination (same SR UID, so PACS sees the same object)."""
-        now = datetime.now(timezone.utc)
         with self._sessions() as session:
-            ids = list(
-                session.scalars(
-                    update(OutboxItem)
-                    .where(OutboxItem.report_pk == report_id)
-                    .values(state=OutboxState.PENDING, next_attempt_at=now)
-                    .returning(OutboxItem.id)
-                )
-            )
-            session.commit()
+            ids = list(session.scalars(select(OutboxItem.id).where(OutboxItem.report_pk == report_id)))
         for outbox_id in ids:
             self._celery.send_task(TASK_DELIVER, kwargs={"outbox_id": outbox_id})

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import highdicom as hd
+import httpx
 import pydicom
 import pytest
 
@@ -87,6 +88,32 @@ def test_up_receives_analyses_and_reports_to_two_pacs(tmp_path: Path, demo_model
             assert states.count("analysed") == len(expected_studies)
             assert states.count("not_analysed") == 1  # the veterinary lateral
             assert all(r["model_note"] == "UNTRAINED DEMO MODEL" for r in rows if r["state"] == "analysed")
+
+            # The web API of the same running service gives the same answers, and an admin re-send really
+            # sends the same SR object again through the deliver worker.
+            cli = [sys.executable, "-m", "cxr_triage", "users"]
+            made = subprocess.run([*cli, "create", "admin", "--role", "admin", "--password", "s3cret-pass-word"],
+                                  env=env, capture_output=True, text=True, timeout=60)
+            assert made.returncode == 0, made.stderr
+            token = subprocess.run([*cli, "token", "admin"], env=env, capture_output=True, text=True, timeout=60)
+            assert token.returncode == 0, token.stderr
+            auth = {"Authorization": f"Bearer {token.stdout.strip().splitlines()[-1]}"}
+            base = f"http://127.0.0.1:{api_port}"
+            assert wait_for_port("127.0.0.1", api_port, timeout=60)
+            assert httpx.get(f"{base}/api/worklist").status_code == 401
+            api_rows = httpx.get(f"{base}/api/results", params={"limit": 1000}, headers=auth, timeout=30).json()
+            api_items = api_rows["items"] if isinstance(api_rows, dict) else api_rows
+            assert sorted(r["state"] for r in api_items) == states
+            worklist = httpx.get(f"{base}/api/worklist", headers=auth, timeout=30)
+            assert worklist.status_code == 200
+            reports = httpx.get(f"{base}/api/admin/reports", headers=auth, timeout=30).json()
+            report_list = reports["items"] if isinstance(reports, dict) else reports
+            first = report_list[0]
+            before = _attempts(env, first["id"])
+            r = httpx.post(f"{base}/api/admin/reports/{first['id']}/resend", headers=auth, timeout=30)
+            assert r.status_code == 200, r.text
+            wait_until(lambda: _attempts(env, first["id"]) > before, timeout=60, what="SR re-sent")
+            assert len(arrived()) == len(expected_studies)  # same SR UID: the PACS replaced, not added
         finally:
             up.send_signal(signal.SIGINT)
             try:
@@ -96,3 +123,18 @@ def test_up_receives_analyses_and_reports_to_two_pacs(tmp_path: Path, demo_model
                 code = -9
             log.close()
         assert code == 0, (tmp_path / "up.log").read_text()[-5000:]
+
+
+def _attempts(env: dict[str, str], report_id: int) -> int:
+    from sqlalchemy import func, select
+
+    from cxr_triage.db.session import make_engine, make_session_factory
+    from cxr_triage.db.tables import OutboxItem
+
+    url = f"sqlite:///{Path(env['CXR_DATA_DIR']).resolve() / 'cxr-triage.sqlite3'}"
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as s:
+            return s.scalar(select(func.sum(OutboxItem.attempts)).where(OutboxItem.report_pk == report_id)) or 0
+    finally:
+        engine.dispose()
