@@ -312,10 +312,13 @@ class ReportPlan:
     instance_ids: tuple[int, ...]
 
 
-def report_plan(session: Session, *, study_id: int) -> ReportPlan | None:
-    """What the next SR for a study would contain, or None if the latest SR already covers everything."""
+def report_plan(session: Session, *, study_id: int, stable_before: datetime | None = None) -> ReportPlan | None:
+    """What the next SR for a study would contain, or None if the latest SR already covers everything
+    (or, with `stable_before`, if the study received an image after that time and may still be growing)."""
     study = session.get(Study, study_id)
     if study is None or study.model_version is None or study.state != StudyState.ANALYSED:
+        return None
+    if stable_before is not None and study.last_received_at > stable_before:
         return None
     instance_ids = tuple(
         session.scalars(

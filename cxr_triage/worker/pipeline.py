@@ -148,6 +148,14 @@ def _not_analysed(deps: AnalysisDeps, instance_id: int, reason: str) -> str:
     return "not_analysed"
 
 
+def study_of(session_factory: sessionmaker[Session], instance_id: int) -> int | None:
+    from cxr_triage.db.tables import Instance
+
+    with session_factory() as session:
+        inst = session.get(Instance, instance_id)
+        return None if inst is None else inst.study_pk
+
+
 # ---------------------------------------------------------------------------------------------- report
 @dataclass
 class ReportDeps:
@@ -170,7 +178,7 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
     from cxr_triage.dicom_node import sr as srmod  # SR building needs highdicom; import where used
 
     with deps.session_factory() as session:
-        plan = repo.report_plan(session, study_id=study_id)
+        plan = repo.report_plan(session, study_id=study_id, stable_before=deps.clock() - deps.stable)
         if plan is None:
             return []
         study = session.get(Study, study_id)

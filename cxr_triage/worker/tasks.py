@@ -52,11 +52,27 @@ _tick_lock = threading.Lock()
 
 def register_tasks(app: Celery) -> None:
     def publish_analyze(instance_id: int) -> None:
-        app.send_task(TASK_ANALYZE, kwargs={"instance_id": instance_id}, queue=ANALYZE_QUEUE)
+        # Bounded: the listener calls this before answering the C-STORE. If the broker is down the row is
+        # already committed and the reconciler re-queues it, so waiting longer would only stall the modality.
+        app.send_task(
+            TASK_ANALYZE,
+            kwargs={"instance_id": instance_id},
+            queue=ANALYZE_QUEUE,
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0, "interval_step": 0.5, "interval_max": 1},
+        )
 
     @cxr_task(app, TASK_ANALYZE)
     def analyze(self: Any, *, instance_id: int) -> str:
-        return pipeline.analyze_instance(instance_id, context_for(self.app).analysis_deps())
+        ctx = context_for(self.app)
+        outcome = pipeline.analyze_instance(instance_id, ctx.analysis_deps())
+        if outcome in ("analysed", "not_analysed"):
+            # Ask for the study's SR once its quiet period has passed (the per-second tick is the safety net).
+            study_id = pipeline.study_of(ctx.session_factory, instance_id)
+            if study_id is not None:
+                app.send_task(TASK_BUILD_REPORT, kwargs={"study_id": study_id}, queue=DELIVER_QUEUE,
+                              countdown=ctx.settings.study_stable_seconds + 0.05)
+        return outcome
 
     @cxr_task(app, TASK_BUILD_REPORT)
     def build_report(self: Any, *, study_id: int) -> int:
