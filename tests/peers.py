@@ -40,6 +40,8 @@ __all__ = [
 ]
 
 HOST = "127.0.0.1"
+# DCMTK, not pynetdicom's console script of the same name that a virtualenv puts first on PATH.
+DCMTK_STORESCP = os.environ.get("CXR_TEST_STORESCP", "/usr/bin/storescp")
 ORTHANC_BIN = os.environ.get("CXR_TEST_ORTHANC", shutil.which("Orthanc") or "/usr/sbin/Orthanc")
 _START_TRIES = 3  # free_port() can race with another process binding the port first
 
@@ -104,7 +106,7 @@ def run_storescp(
     ``nodelay`` sets DCMTK's ``TCP_NODELAY=1`` environment switch (DCMTK leaves Nagle on by default, which
     adds ~40 ms to every C-STORE response); pass False to measure the untuned peer.
     """
-    exe = shutil.which("storescp")
+    exe = DCMTK_STORESCP if os.path.exists(DCMTK_STORESCP) else None
     if exe is None:
         _skip("DCMTK storescp is not installed")
     tmp = Path(tmpdir)

@@ -83,20 +83,34 @@ def _sorted(dets: np.ndarray) -> np.ndarray:
     return dets[np.argsort(-dets[:, 4], kind="stable")]
 
 
-def nms(dets: np.ndarray, iou_threshold: float) -> np.ndarray:
+def nms(dets: np.ndarray, iou_threshold: float, *, max_keep: int | None = None) -> np.ndarray:
     """Greedy NMS: keep the highest score, drop boxes with IoU > ``iou_threshold`` with a kept box
-    (same rule as torchvision.ops.nms). Returns the kept detections sorted by descending score."""
+    (same rule as torchvision.ops.nms). Returns the kept detections sorted by descending score.
+    ``max_keep`` stops after that many kept boxes (greedy NMS keeps the same first boxes either way)."""
     dets = _sorted(dets)
     if len(dets) == 0:
         return _empty()
-    iou = box_iou(dets[:, :4], dets[:, :4])
-    suppressed = np.zeros(len(dets), dtype=bool)
-    keep = []
-    for i in range(len(dets)):
-        if suppressed[i]:
+    boxes = dets[:, :4].astype(np.float64)
+    areas = np.clip(boxes[:, 2] - boxes[:, 0], 0, None) * np.clip(boxes[:, 3] - boxes[:, 1], 0, None)
+    alive = np.ones(len(dets), dtype=bool)
+    keep: list[int] = []
+    limit = len(dets) if max_keep is None else max_keep
+    i = 0
+    while i < len(dets) and len(keep) < limit:
+        if not alive[i]:
+            i += 1
             continue
         keep.append(i)
-        suppressed |= iou[i] > iou_threshold
+        rest = np.nonzero(alive[i + 1 :])[0] + i + 1
+        if len(rest):
+            b = boxes[i]
+            w = np.clip(np.minimum(boxes[rest, 2], b[2]) - np.maximum(boxes[rest, 0], b[0]), 0, None)
+            h = np.clip(np.minimum(boxes[rest, 3], b[3]) - np.maximum(boxes[rest, 1], b[1]), 0, None)
+            inter = w * h
+            union = areas[i] + areas[rest] - inter
+            iou = np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
+            alive[rest[iou > iou_threshold]] = False
+        i += 1
     return dets[keep]
 
 
@@ -151,7 +165,7 @@ def decode_detections(
         boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
     dets = np.concatenate([boxes, scores[keep, None]], axis=1)
     ok = (dets[:, 2] > dets[:, 0]) & (dets[:, 3] > dets[:, 1])
-    dets = nms(dets[ok], params.nms_threshold)
+    dets = nms(dets[ok], params.nms_threshold, max_keep=params.max_detections)
     dets = scale_boxes(dets, params.box_scale)
     return dets[: params.max_detections].astype(np.float32)
 

@@ -7,7 +7,6 @@ import contextlib
 import io
 import os
 import re
-import shutil
 import socket
 import struct
 import subprocess
@@ -25,7 +24,7 @@ from cxr_triage.db.migrate import upgrade
 from cxr_triage.db.repo import record_received
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.db.tables import Instance
-from cxr_triage.dicom_node.netutil import free_port, wait_for_port
+from cxr_triage.dicom_node.netutil import free_port
 
 HOST = "127.0.0.1"
 # The DCMTK tools, not pynetdicom's same-named apps that the virtual environment puts first on PATH.

@@ -194,7 +194,9 @@ def test_listener_killed_mid_stream_loses_nothing_acknowledged(tmp_path, dicom_d
             proc.kill()
             proc.wait()
     acked = {path for path, status in acknowledged(out).items() if status == "Success"}
-    assert 10 <= len(acked) < len(files), f"kill did not land mid-stream ({len(acked)} acknowledged)"
+    # Not exactly 10: the kill can land between a commit and its response (recorded, not acknowledged: allowed),
+    # and a reset connection can swallow responses in flight.
+    assert 0 < len(acked) < len(files), f"kill did not land mid-stream ({len(acked)} acknowledged)"
     uid_of = {str(p): str(dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in files}
     recorded = {r.sop_instance_uid: r for r in recorder.instances()}
     spool = Spool(settings.spool_dir)

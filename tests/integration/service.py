@@ -145,6 +145,8 @@ class Service:
             return list(s.scalars(select(OutboxItem)))
 
 
+DCMTK_STORESCU = os.environ.get("CXR_TEST_STORESCU", "/usr/bin/storescu")  # not pynetdicom's namesake
+
 _PROPOSE = {
     "1.2.840.10008.1.2.4.50": "-xy",  # JPEG baseline
     "1.2.840.10008.1.2.4.51": "-xx",  # JPEG extended
@@ -170,7 +172,7 @@ def storescu(port: int, files: list[Path], *, ae: str = "CXRTRIAGE", timeout: fl
     """Send files with DCMTK storescu: one association per transfer-syntax group, all groups concurrently."""
     procs = [
         subprocess.Popen(
-            ["storescu", "-aet", "MODALITY", "-aec", ae, flag, "-R", "127.0.0.1", str(port), *map(str, group)],
+            [DCMTK_STORESCU, "-aet", "MODALITY", "-aec", ae, flag, "-R", "127.0.0.1", str(port), *map(str, group)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         for flag, group in storescu_groups(files).items()

@@ -16,7 +16,7 @@ import pytest
 from cxr_triage.core.states import InstanceState
 from cxr_triage.dicom_node.netutil import free_port
 from tests.dicomize import nih_pngs, png_to_dx
-from tests.integration.service import Service, storescu, wait_until
+from tests.integration.service import DCMTK_STORESCU, Service, storescu, wait_until
 from tests.peers import run_storescp
 
 pytestmark = pytest.mark.slow
@@ -126,7 +126,7 @@ def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, 
     try:
         svc.start()
         sender = subprocess.Popen(
-            ["storescu", "-aet", "MODALITY", "-aec", "CXRTRIAGE", "-R", "127.0.0.1", str(svc.dicom_port), *map(str, files)],
+            [DCMTK_STORESCU, "-aet", "MODALITY", "-aec", "CXRTRIAGE", "-R", "127.0.0.1", str(svc.dicom_port), *map(str, files)],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         wait_until(lambda: len(svc.instance_states()) >= 2, timeout=60, interval=0.02, what="first stores")

@@ -74,6 +74,7 @@ def write_dicom(path, img01: np.ndarray, *, bits: int, photometric: str) -> None
 @pytest.fixture(scope="module")
 def trained_tiny_detector():
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 spinning OpenMP threads collapse when the machine is shared
     rng = np.random.default_rng(0)
     xs, bs = [], []
@@ -96,6 +97,7 @@ def trained_tiny_detector():
         idx = torch.randperm(len(X), generator=g)[:16]
         train_step(model, loss_fn, opt, X[idx], [torch.from_numpy(bs[i]) for i in idx.tolist()], classes,
                    torch.device("cpu"))
+    torch.set_num_threads(threads)
     return model.eval()
 
 

@@ -42,6 +42,8 @@ def test_nms_random_agrees_with_torchvision():
     dets = np.concatenate([xy, xy + wh, rng.uniform(0, 1, (200, 1))], axis=1).astype(np.float32)
     keep = torchvision.ops.nms(torch.tensor(dets[:, :4]), torch.tensor(dets[:, 4]), 0.3).numpy()
     np.testing.assert_allclose(nms(dets, 0.3), dets[keep], rtol=0, atol=0)
+    # stopping after k kept boxes gives the first k of the full result
+    np.testing.assert_array_equal(nms(dets, 0.3, max_keep=5), dets[keep[:5]])
 
 
 def test_scale_boxes_about_centre():
