@@ -78,6 +78,16 @@ def load_model_cards(models_dir: Path) -> list[dict[str, Any]]:
     return cards
 
 
+def model_cards_for(models_dir: Path, version: str | None) -> list[dict[str, Any]]:
+    """The cards behind a model version; the analyzer's versions join card refs with '+' (classifier+detector)."""
+    if not version:
+        return []
+    whole = model_card_for(models_dir, version)
+    if whole is not None:
+        return [whole]
+    return [c for c in (model_card_for(models_dir, part) for part in version.split("+")) if c is not None]
+
+
 def model_card_for(models_dir: Path, version: str | None) -> dict[str, Any] | None:
     if not version:
         return None
@@ -145,13 +155,14 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
                 for o in sorted(rep.outbox, key=lambda o: o.id)
             ],
         })
-    card = model_card_for(models_dir, study.model_version)
+    cards = model_cards_for(models_dir, study.model_version)
     return {
         "study": record,
         "conclusion": conclusion_text(study),
         "instances": instances,
         "reports": reports,
-        "model_card": card,
+        "model_card": cards[0] if cards else None,
+        "model_cards": cards,
     }
 
 

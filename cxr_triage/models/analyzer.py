@@ -139,13 +139,22 @@ class Analyzer:
         detector_card: ModelCard | None = None,
         detector_engine: Any = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
+        ensemble_members: Sequence[tuple[ModelCard, Any]] = (),
     ) -> None:
         self.classifier_card = classifier_card
         self.detector_card = detector_card
         self.classifier_engine = classifier_engine
         self.detector_engine = detector_engine
         self.max_bytes = max_bytes
-        self.cards: tuple[ModelCard, ...] = tuple(c for c in (classifier_card, detector_card) if c is not None)
+        # Further checkpoints/folds of the detector: every member runs on the same input and their boxes, in
+        # original pixels, are merged by weighted box fusion (the RSNA challenge's ensembling).
+        self.ensemble_members: tuple[tuple[ModelCard, Any], ...] = tuple(ensemble_members)
+        for card, _ in self.ensemble_members:
+            if detector_card is None or card.input != detector_card.input:
+                raise ModelsUnavailable(f"ensemble member {card.ref} must share the detector's input spec")
+        self.cards: tuple[ModelCard, ...] = tuple(
+            c for c in (classifier_card, detector_card, *(m for m, _ in self.ensemble_members)) if c is not None
+        )
         self.demo: bool = any(c.demo for c in self.cards)
         self.model_version: str = "+".join(c.ref for c in self.cards)
         self.algorithm_name: str = ("UNTRAINED DEMO MODEL - " if self.demo else "") + ALGORITHM_NAME
@@ -169,18 +178,13 @@ class Analyzer:
         self._det_params = None
         self._anchors = None
         self._global_classes: tuple[str, ...] = ()
+        self._members: list[tuple[Any, Any, np.ndarray, float]] = []  # (engine, params, anchors, weight)
         if detector_card is not None:
-            from .detector import detector_anchors
-            from .postprocess import DetectionParams
-
+            for card, eng in ((detector_card, detector_engine), *self.ensemble_members):
+                params, anchors = _detector_post(card)
+                self._members.append((eng, params, anchors, float(card.architecture_params.get("ensemble_weight", 1.0))))
+            _, self._det_params, self._anchors, _ = self._members[0]
             p = detector_card.architecture_params
-            known = {"score_threshold", "nms_threshold", "box_scale", "max_detections", "gate_weight"}
-            self._det_params = DetectionParams(**{k: v for k, v in detector_card.postprocess.items() if k in known})
-            self._anchors = detector_anchors(
-                image_size=int(p.get("image_size", detector_card.input.size)),
-                small_anchors=bool(p.get("small_anchors", True)),
-                backbone=str(p.get("backbone", "resnet50")),
-            )
             self._global_classes = tuple(p.get("global_classes", ("Normal", "No Lung Opacity / Not Normal",
                                                                    "Lung Opacity")))
 
@@ -213,8 +217,11 @@ class Analyzer:
         probs = cls_out["probabilities"]
         feats = cls_out.get("features")
         det_out = None
+        member_outs: list[dict[str, np.ndarray]] = []
         if self.detector_engine is not None and all(b.detector_input is not None for b in batch):
-            det_out = self.detector_engine.run(np.stack([b.detector_input for b in batch]))  # type: ignore[misc]
+            det_batch = np.stack([b.detector_input for b in batch])  # type: ignore[misc]
+            det_out = self.detector_engine.run(det_batch)
+            member_outs = [det_out] + [eng.run(det_batch) for _, eng in self.ensemble_members]
         results = []
         labels = self.classifier_card.labels
         for i, item in enumerate(batch):
@@ -227,7 +234,10 @@ class Analyzer:
                 heatmap = _heatmap(feats[i], self._head[self._pos_index], item.classifier_transform)
             boxes: tuple[Box, ...] = ()
             if det_out is not None and item.detector_transform is not None:
-                boxes = self._boxes(det_out, i, p, item.detector_transform)
+                if len(member_outs) > 1:
+                    boxes = self._fused_boxes(member_outs, i, p, item.detector_transform, item.original_shape)
+                else:
+                    boxes = self._boxes(det_out, i, p, item.detector_transform)
                 if "global_logits" in det_out:
                     g = _softmax(det_out["global_logits"][i])
                     for name, v in zip(self._global_classes, g):
@@ -244,23 +254,73 @@ class Analyzer:
             )
         return results
 
-    def _boxes(self, det_out: dict[str, np.ndarray], i: int, p: float, tf: Transform) -> tuple[Box, ...]:
+    def _boxes(self, det_out: dict[str, np.ndarray], i: int, p: float, tf: Transform,
+               member: int = 0) -> tuple[Box, ...]:
+        return _to_boxes(self._original_dets(det_out, i, p, tf, member))
+
+    def _original_dets(self, det_out: dict[str, np.ndarray], i: int, p: float, tf: Transform,
+                       member: int = 0) -> np.ndarray:
+        """One member's decoded, NMS'd, scaled and gated boxes in ORIGINAL pixels, (K, 5)."""
         from .postprocess import decode_detections, gate_with_classifier
 
-        assert self._det_params is not None and self._anchors is not None
+        _, params, anchors, _ = self._members[member]
         dets = decode_detections(
-            det_out["cls_logits"][i], det_out["bbox_regression"][i], self._anchors, self._det_params,
-            image_size=tf.model_shape,
+            det_out["cls_logits"][i], det_out["bbox_regression"][i], anchors, params, image_size=tf.model_shape,
         )
-        dets = gate_with_classifier(dets, p, self._det_params)
+        dets = gate_with_classifier(dets, p, params)
+        dets = _inside_content(dets, tf)
         if len(dets) == 0:
-            return ()
-        orig = tf.to_original(dets[:, :4])
-        out = []
-        for (x0, y0, x1, y1), s in zip(orig.tolist(), dets[:, 4].tolist()):
-            if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:
-                out.append(Box(float(x0), float(y0), float(x1), float(y1), float(s)))
-        return tuple(out)
+            return np.zeros((0, 5), dtype=np.float32)
+        return np.concatenate([tf.to_original(dets[:, :4]), dets[:, 4:5]], axis=1)
+
+    def _fused_boxes(self, outs: list[dict[str, np.ndarray]], i: int, p: float, tf: Transform,
+                     shape: tuple[int, int]) -> tuple[Box, ...]:
+        from .postprocess import fuse_ensemble
+
+        per_member = [self._original_dets(out, i, p, tf, m) for m, out in enumerate(outs)]
+        fused = fuse_ensemble(per_member, image_size=shape, weights=[m[3] for m in self._members],
+                              iou_threshold=self._det_params.nms_threshold if self._det_params else 0.5,
+                              skip_threshold=self._det_params.score_threshold if self._det_params else 0.0)
+        fused = fused[fused[:, 4] >= (self._det_params.score_threshold if self._det_params else 0.0)]
+        return _to_boxes(fused[: self._det_params.max_detections if self._det_params else None])
+
+
+def _inside_content(dets: np.ndarray, tf: Transform) -> np.ndarray:
+    """Drop boxes that lie mostly on the letterbox padding (not on the radiograph): a detector can fire on the
+    black border, and clipping such a box to the image would put a thin false box along the image edge."""
+    if len(dets) == 0:
+        return dets
+    ch, cw = tf.content_shape
+    x0 = np.clip(dets[:, 0], tf.offset_x, tf.offset_x + cw)
+    x1 = np.clip(dets[:, 2], tf.offset_x, tf.offset_x + cw)
+    y0 = np.clip(dets[:, 1], tf.offset_y, tf.offset_y + ch)
+    y1 = np.clip(dets[:, 3], tf.offset_y, tf.offset_y + ch)
+    inside = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    area = np.maximum(dets[:, 2] - dets[:, 0], 1e-6) * np.maximum(dets[:, 3] - dets[:, 1], 1e-6)
+    return dets[inside >= 0.5 * area]
+
+
+def _to_boxes(dets: np.ndarray) -> tuple[Box, ...]:
+    out = []
+    for (x0, y0, x1, y1), s in zip(dets[:, :4].tolist(), dets[:, 4].tolist()):
+        if x1 - x0 >= 1.0 and y1 - y0 >= 1.0:
+            out.append(Box(float(x0), float(y0), float(x1), float(y1), float(s)))
+    return tuple(out)
+
+
+def _detector_post(card: ModelCard) -> tuple[Any, np.ndarray]:
+    from .detector import detector_anchors
+    from .postprocess import DetectionParams
+
+    p = card.architecture_params
+    known = {"score_threshold", "nms_threshold", "box_scale", "max_detections", "gate_weight"}
+    params = DetectionParams(**{k: v for k, v in card.postprocess.items() if k in known})
+    anchors = detector_anchors(
+        image_size=int(p.get("image_size", card.input.size)),
+        small_anchors=bool(p.get("small_anchors", True)),
+        backbone=str(p.get("backbone", "resnet50")),
+    )
+    return params, anchors
 
 
 def _pick(cards: list[ModelCard], task: str, name: str | None, *, demo: bool) -> ModelCard | None:
@@ -338,13 +398,27 @@ def build_analyzer(
             "--name NAME --version VERSION --architecture densenet121-xrv --format xrv` (or `models fetch`), "
             "or set CXR_DEMO_MODELS=1 to run with UNTRAINED DEMO MODELS"
         )
-    det_card = None if detector == "none" else _pick(cards, "detection", detector, demo=demo)
+    # `detector` may name one card (that checkpoint alone) or an ensemble group (all of its members).
+    group_members = sorted((c for c in cards if c.task == "detection" and detector is not None
+                            and c.architecture_params.get("ensemble") == detector and c.name != detector),
+                           key=lambda c: c.name)
+    use_group = detector is None or bool(group_members)
+    det_card = None if detector == "none" else (
+        group_members[0] if group_members else _pick(cards, "detection", detector, demo=demo))
     cls_engine = _engine_for(cls_card, engine, intra_op_threads)
     det_engine = _engine_for(det_card, engine, intra_op_threads) if det_card is not None else None
+    members: list[tuple[ModelCard, Any]] = []
+    group = det_card.architecture_params.get("ensemble") if det_card is not None and use_group else None
+    if group:
+        for card in sorted(cards, key=lambda c: c.name):
+            if (card.task == "detection" and card.name != det_card.name  # type: ignore[union-attr]
+                    and card.architecture_params.get("ensemble") == group and card.demo == det_card.demo):  # type: ignore[union-attr]
+                members.append((card, _engine_for(card, engine, intra_op_threads)))
     return Analyzer(
         classifier_card=cls_card,
         classifier_engine=cls_engine,
         detector_card=det_card,
         detector_engine=det_engine,
         max_bytes=max_bytes,
+        ensemble_members=members,
     )

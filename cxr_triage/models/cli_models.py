@@ -39,6 +39,8 @@ def import_cmd(
     format: str = typer.Option("xrv", "--format", help="xrv | chexnet | torchvision | detector"),  # noqa: A002
     threshold: Optional[float] = typer.Option(None, "--threshold", help="operating threshold of the positive label"),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="accept pickled whole-model checkpoints (trusted files only)"),
+    ensemble: Optional[str] = typer.Option(None, "--ensemble", help="detector ensemble group: cards sharing it run together, boxes merged by weighted box fusion"),
+    ensemble_weight: float = typer.Option(1.0, "--ensemble-weight", min=0.0, help="this member's weight in the fusion"),
     models_dir: Optional[Path] = _MODELS_DIR,
 ) -> None:
     """Copy a checkpoint into the models dir, validate it, export ONNX and write its card."""
@@ -51,10 +53,17 @@ def import_cmd(
     except (CheckpointError, WeightsError, ValueError) as exc:
         _fail(str(exc))
         return
-    if threshold is not None:
-        from dataclasses import replace
+    from dataclasses import replace
 
+    if threshold is not None:
         card = replace(card, operating_thresholds={**card.operating_thresholds, card.positive_label: threshold})
+        save_card(card, _dir(models_dir))
+    if ensemble is not None:
+        if card.task != "detection":
+            _fail("--ensemble applies to detector checkpoints (checkpoint/fold ensembles)")
+            return
+        params = {**card.architecture_params, "ensemble": ensemble, "ensemble_weight": ensemble_weight}
+        card = replace(card, architecture_params=params)
         save_card(card, _dir(models_dir))
     typer.echo(f"imported {card.ref} sha256={card.weights.sha256} onnx={card.onnx.file if card.onnx else '-'}")
 

@@ -223,7 +223,11 @@ def load_detector_checkpoint(path: str | Path, **build_kwargs: Any) -> OpacityDe
     if gc is not None and tuple(gc)[: len(GLOBAL_CLASSES)] != GLOBAL_CLASSES[: len(tuple(gc))]:
         raise ValueError(f"global_classes {gc!r} do not match {GLOBAL_CLASSES}")
     build_kwargs = {k: v for k, v in build_kwargs.items() if k in _BUILD_KEYS}  # card extras (output_names...)
-    obj = torch.load(Path(path), map_location="cpu", weights_only=False)
+    try:
+        # weights_only: a checkpoint is data; never execute pickled code from a file a user configured.
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for corrupt/unsafe files
+        raise ValueError(f"{Path(path).name}: not a loadable detector checkpoint ({type(exc).__name__})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: not a checkpoint dict")
     if "model" in obj and "config" in obj:

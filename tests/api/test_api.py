@@ -278,3 +278,20 @@ def test_image_render_missing_file_is_422(client, users, session_factory, clock)
         inst = add_study(s, received_at=clock.now, score=0.5, flagged=False, spool_name="../../etc/passwd").instances[0].id
     r = client.get(f"/api/instances/{inst}/image", headers=auth(users["radiologist"]))
     assert r.status_code == 422
+
+
+def test_study_detail_shows_every_model_card_of_a_combined_version(
+    client: Any, session_factory: Any, users: dict[str, str], clock: Any, settings: Any
+) -> None:
+    import json
+
+    models = settings.models_path
+    models.mkdir(parents=True, exist_ok=True)
+    for name, version, task in (("cls-a", "1", "classification"), ("det-b", "2", "detection")):
+        (models / f"{name}.card.json").write_text(json.dumps({"name": name, "version": version, "task": task,
+                                                              "weights": {"sha256": "ab" * 32}}))
+    with session_factory() as s:
+        sid = add_study(s, received_at=clock.now, score=0.4, flagged=False, model_version="cls-a@1+det-b@2").id
+        s.commit()
+    body = client.get(f"/api/studies/{sid}", headers=auth(users["radiologist"])).json()
+    assert [c["name"] for c in body["model_cards"]] == ["cls-a", "det-b"]

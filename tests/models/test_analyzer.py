@@ -80,3 +80,21 @@ def test_models_unavailable_without_real_weights(tmp_path: Path, demo_models_dir
         build_analyzer(models_dir=tmp_path)
     with pytest.raises(ModelsUnavailable):  # demo cards are not used unless demo=True
         build_analyzer(models_dir=demo_models_dir)
+
+
+def test_boxes_on_the_letterbox_padding_are_dropped() -> None:
+    import numpy as np
+
+    from cxr_triage.models.analyzer import _inside_content
+    from cxr_triage.models.preprocess import InputSpec, prepare
+
+    # A tall image letterboxed into 512: content is 256 wide, padding on the right.
+    _, tf = prepare(np.zeros((1000, 500), dtype=np.float32), InputSpec(size=512, channels=1, normalisation="unit"))
+    assert tf.content_shape == (512, 256)
+    dets = np.array([[10, 10, 100, 100, 0.9],     # on the radiograph
+                     [240, 10, 300, 100, 0.8],    # 16 of 60 px inside: mostly padding
+                     [300, 10, 400, 100, 0.7],    # entirely padding
+                     [200, 10, 280, 100, 0.6]],   # 56 of 80 px inside: kept
+                    dtype=np.float32)
+    kept = _inside_content(dets, tf)
+    assert kept[:, 4].tolist() == pytest.approx([0.9, 0.6])
