@@ -134,7 +134,7 @@ def work(
         typer.echo(f"models ready: {deps.analyzer.model_version}{' (UNTRAINED DEMO MODEL)' if deps.analyzer.demo else ''}")
     threads = concurrency or (max(settings.batch_size, 2) if "analyze" in wanted else 4)
     argv = ["worker", "-Q", ",".join(wanted), "-P", "threads", "-c", str(threads), "--loglevel", "WARNING",
-            "-n", f"{'-'.join(wanted)}@%h", "--without-gossip", "--without-mingle", "--quiet"]
+            "-n", f"{'-'.join(wanted)}@%h", "--without-gossip", "--without-mingle"]
     if beat:
         argv += ["-B", "-s", str(settings.data_dir / "celerybeat-schedule")]
     celery.worker_main(argv)

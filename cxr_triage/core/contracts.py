@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+@dataclass(frozen=True)
+class Box:
+    """A detected opacity in ORIGINAL pixel coordinates of its source image: x = column, y = row, (x0, y0) the
+    top-left corner. The detector produces it, the database stores it, the SR draws it: one type for all three."""
+
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    score: float
 
 
 class _Message(BaseModel):

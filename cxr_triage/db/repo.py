@@ -12,7 +12,7 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
-from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
+from cxr_triage.core.contracts import Box, ReceivedObject, RecordOutcome
 from cxr_triage.core.states import (
     TERMINAL_INSTANCE_STATES,
     InstanceState,
@@ -165,13 +165,7 @@ def claim_for_analysis(
     return Claim(instance_id=inst.id, spool_name=inst.spool_name, attempt=inst.attempts)
 
 
-@dataclass(frozen=True)
-class BoxRecord:
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    score: float
+BoxRecord = Box  # boxes are stored exactly as the analyzer produced them
 
 
 @dataclass(frozen=True)

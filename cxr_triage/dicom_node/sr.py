@@ -62,6 +62,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cxr_triage.core.contracts import Box
 from cxr_triage.core.uids import derive_uid
 
 __all__ = [
@@ -109,15 +110,7 @@ _PATIENT_STUDY_KEYWORDS = (
 )
 
 
-@dataclass(frozen=True)
-class OpacityRegion:
-    """A detected opacity box in original pixel coordinates: x = column, y = row, (x0, y0) top-left."""
-
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    score: float
+OpacityRegion = Box  # the SR's name for a detected opacity box (original pixel coordinates)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from cxr_triage.core.contracts import Box
+
 from .preprocess import ImageError, Transform, load_image, prepare as prepare_input, DEFAULT_MAX_BYTES
 from .registry import ModelCard, WeightsError, list_cards, verify_onnx
 
@@ -48,13 +50,6 @@ class PreparedImage:
     original_shape: tuple[int, int]
 
 
-@dataclass(frozen=True)
-class Box:
-    x0: float
-    y0: float
-    x1: float
-    y1: float
-    score: float
 
 
 @dataclass(frozen=True)

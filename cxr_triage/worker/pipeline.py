@@ -123,7 +123,7 @@ def analyze_instance(instance_id: int, deps: AnalysisDeps) -> str:
         pneumonia_probability=float(result.pneumonia_probability),
         flagged=bool(result.flagged),
         threshold=deps.threshold,
-        boxes=[repo.BoxRecord(b.x0, b.y0, b.x1, b.y1, b.score) for b in result.boxes],
+        boxes=list(result.boxes),
         label_probabilities=dict(result.label_probabilities),
         heatmap=None if result.heatmap is None else [[round(float(v), 4) for v in row] for row in result.heatmap],
     )
