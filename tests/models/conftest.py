@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import pytest
@@ -11,21 +10,6 @@ REPO = Path(__file__).resolve().parents[2]
 DATA = REPO / ".." / "shared" / "data"
 DICOM_DIR = DATA / "dicom"
 NIH_DIR = DATA / "nih-cxr14" / "images"
-CACHE_ROOT = Path("/tmp/cxr-triage-test-cache")
-
-# files whose content defines the demo models: a change rebuilds them
-_DEMO_INPUTS = ("demo.py", "classifier.py", "detector.py", "export.py", "registry.py", "preprocess.py")
-
-
-def _demo_code_hash() -> str:
-    h = hashlib.sha256()
-    for name in _DEMO_INPUTS:
-        p = REPO / "cxr_triage" / "models" / name
-        if p.is_file():
-            h.update(name.encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()[:16]
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads() -> None:
@@ -45,13 +29,9 @@ def data_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def demo_models_dir() -> Path:
-    """Demo models (classifier + detector) built once per code version under /tmp/cxr-triage-test-cache."""
-    from cxr_triage.models.demo import ensure_demo_models
-
-    directory = CACHE_ROOT / f"models-demo-{_demo_code_hash()}"
-    ensure_demo_models(directory)
-    return directory
+def demo_models_dir(demo_models_cache: Path) -> Path:
+    """Demo models (classifier + detector): the suite-wide cache from tests/conftest.py, built once per run."""
+    return demo_models_cache
 
 
 def dicom(name: str) -> Path:

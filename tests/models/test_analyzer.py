@@ -98,3 +98,12 @@ def test_boxes_on_the_letterbox_padding_are_dropped() -> None:
                     dtype=np.float32)
     kept = _inside_content(dets, tf)
     assert kept[:, 4].tolist() == pytest.approx([0.9, 0.6])
+
+
+def test_demo_scores_on_real_radiographs_are_spread_not_pinned(analyzer) -> None:  # type: ignore[no-untyped-def]
+    from tests.dicomize import nih_pngs
+
+    batch = [analyzer.prepare(p, key=p.name) for p in nih_pngs(12)]
+    scores = [r.pneumonia_probability for r in analyzer.infer(batch)]
+    # Meaningless but usable for a demo: some low, some high, so the worklist shows flagged studies.
+    assert min(scores) < 0.1 and max(scores) > 0.4, scores
