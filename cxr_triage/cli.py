@@ -109,8 +109,12 @@ def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener 
             repo.mark_queued(session, instance_ids=[instance_id], now=datetime.now(timezone.utc))
             session.commit()
 
+    def recorded(sha256s: list[str]) -> set[str]:
+        with factory() as session:
+            return repo.recorded_hashes(session, sha256s=sha256s)
+
     typer.echo(f"listening as {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}")
-    serve(settings, record=record, publish=publish, block=True, processes=processes)
+    serve(settings, record=record, publish=publish, block=True, processes=processes, recorded=recorded)
 
 
 @app.command()

@@ -106,6 +106,14 @@ def record_received(session: Session, *, obj: ReceivedObject) -> RecordOutcome:
     raise RuntimeError("could not record instance after concurrent retries")
 
 
+def recorded_hashes(session: Session, *, sha256s: Sequence[str]) -> set[str]:
+    """Which of these content hashes some instance row already references (the spool adoption scan)."""
+    if not sha256s:
+        return set()
+    rows = session.scalars(select(Instance.file_sha256).where(Instance.file_sha256.in_(list(sha256s))))
+    return set(rows)
+
+
 def mark_queued(session: Session, *, instance_ids: Sequence[int], now: datetime) -> None:
     session.execute(
         update(Instance)

@@ -109,6 +109,7 @@ class Instance(Base):
         # Same UID with the same bytes is the same object (idempotent receive).
         UniqueConstraint("sop_instance_uid", "file_sha256", name="uq_instances_uid_sha256"),
         Index("ix_instances_state_received", "state", "received_at"),
+        Index("ix_instances_file_sha256", "file_sha256"),  # the spool adoption scan looks files up by hash
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)

@@ -72,6 +72,7 @@ from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Settings
 from cxr_triage.core.uids import derive_uid
 from cxr_triage.dicom_node import scope
+from cxr_triage.dicom_node.adopt import adopt_orphans
 from cxr_triage.dicom_node.headers import (
     BadHeader,
     TruncatedDataset,
@@ -397,6 +398,9 @@ class TriageServer(ThreadedAssociationServer):
         return getattr(self, "_cxr_children", [])
 
     def shutdown(self) -> None:
+        sweeper_stop = getattr(self, "_cxr_sweeper_stop", None)
+        if sweeper_stop is not None:
+            sweeper_stop.set()
         for child in self.children:
             if child.is_alive() and child.pid is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -528,6 +532,33 @@ def _child_main(settings: Settings, record: Any, publish: Any, host: str, port: 
         ae.start_server((host, port), block=True)
 
 
+def _start_adoption(
+    spool: Spool,
+    *,
+    recorded: Callable[[list[str]], set[str]],
+    record: Callable[[ReceivedObject], RecordOutcome],
+    publish: Callable[[int], None],
+    interval_s: float,
+    min_age_s: float,
+) -> threading.Event:
+    """A daemon thread that runs :func:`adopt_orphans` now and every ``interval_s``; set the event to stop it."""
+    stop = threading.Event()
+
+    def _loop() -> None:
+        while not stop.is_set():
+            try:
+                report = adopt_orphans(spool, recorded=recorded, record=record, publish=publish, min_age_s=min_age_s)
+            except Exception as exc:  # database down for the "recorded" query: try again next round
+                LOG.warning("spool_scan_failed", error=type(exc).__name__)
+            else:
+                if report.adopted or report.unreadable or report.failed:
+                    LOG.warning("spool_scan", **vars(report))
+            stop.wait(interval_s)
+
+    threading.Thread(target=_loop, name="cxr-spool-adoption", daemon=True).start()
+    return stop
+
+
 def serve(
     settings: Settings,
     *,
@@ -535,6 +566,9 @@ def serve(
     publish: Callable[[int], None],
     block: bool = True,
     processes: int = 1,
+    recorded: Callable[[list[str]], set[str]] | None = None,
+    adopt_interval_s: float = 300.0,
+    adopt_min_age_s: float = 120.0,
 ) -> ThreadedAssociationServer | None:
     """Listen on ``settings.dicom_host:dicom_port``.
 
@@ -543,6 +577,9 @@ def serve(
     or starts threads; ``record``/``publish`` must therefore be fork-safe: open database/broker connections
     lazily, per process (a pool created before the fork must not be shared). Shutting down the returned server
     (or Ctrl-C / SIGTERM when ``block``) stops the children too.
+
+    ``recorded(sha256s) -> known subset`` switches on spool adoption (:mod:`cxr_triage.dicom_node.adopt`): this
+    process scans the spool at start and every ``adopt_interval_s`` and records files whose record had failed.
     """
     if processes < 1:
         raise ValueError("processes must be >= 1")
@@ -565,6 +602,11 @@ def serve(
         raise
     assert server is not None
     server._cxr_children = children  # type: ignore[attr-defined]
+    if recorded is not None:
+        server._cxr_sweeper_stop = _start_adoption(  # type: ignore[attr-defined]
+            ae.spool, recorded=recorded, record=record, publish=publish,
+            interval_s=adopt_interval_s, min_age_s=adopt_min_age_s,
+        )
     if not block:
         return server
     stop = threading.Event()

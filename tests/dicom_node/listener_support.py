@@ -21,7 +21,7 @@ from sqlalchemy import select
 from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
 from cxr_triage.core.settings import Settings
 from cxr_triage.db.migrate import upgrade
-from cxr_triage.db.repo import record_received
+from cxr_triage.db.repo import record_received, recorded_hashes
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.db.tables import Instance
 from cxr_triage.dicom_node.netutil import free_port
@@ -57,6 +57,13 @@ class Recorder:
             raise ConnectionError("database unavailable (simulated)")
         with self._session_factory()() as session:
             return record_received(session, obj=obj)
+
+    def recorded(self, sha256s: list[str]) -> set[str]:
+        """The listener's spool-adoption query (fails like ``__call__`` while the database is "down")."""
+        if self.fail:
+            raise ConnectionError("database unavailable (simulated)")
+        with self._session_factory()() as session:
+            return recorded_hashes(session, sha256s=sha256s)
 
     def instances(self) -> list[Instance]:
         with self._session_factory()() as session:
