@@ -255,18 +255,12 @@ class Analyzer:
 
     def _original_dets(self, det_out: dict[str, np.ndarray], i: int, p: float, tf: Transform,
                        member: int = 0) -> np.ndarray:
-        """One member's decoded, NMS'd, scaled and gated boxes in ORIGINAL pixels, (K, 5)."""
-        from .postprocess import decode_detections, gate_with_classifier
+        """One member's served boxes in ORIGINAL pixels, (K, 5) (see :func:`served_detections`)."""
+        from .postprocess import served_detections
 
         _, params, anchors, _ = self._members[member]
-        dets = decode_detections(
-            det_out["cls_logits"][i], det_out["bbox_regression"][i], anchors, params, image_size=tf.model_shape,
-        )
-        dets = gate_with_classifier(dets, p, params)
-        dets = _inside_content(dets, tf)
-        if len(dets) == 0:
-            return np.zeros((0, 5), dtype=np.float32)
-        return np.concatenate([tf.to_original(dets[:, :4]), dets[:, 4:5]], axis=1)
+        return served_detections(det_out["cls_logits"][i], det_out["bbox_regression"][i], anchors, params, tf,
+                                 pneumonia_probability=p)
 
     def _fused_boxes(self, outs: list[dict[str, np.ndarray]], i: int, p: float, tf: Transform,
                      shape: tuple[int, int]) -> tuple[Box, ...]:
@@ -278,21 +272,6 @@ class Analyzer:
                               skip_threshold=self._det_params.score_threshold if self._det_params else 0.0)
         fused = fused[fused[:, 4] >= (self._det_params.score_threshold if self._det_params else 0.0)]
         return _to_boxes(fused[: self._det_params.max_detections if self._det_params else None])
-
-
-def _inside_content(dets: np.ndarray, tf: Transform) -> np.ndarray:
-    """Drop boxes that lie mostly on the letterbox padding (not on the radiograph): a detector can fire on the
-    black border, and clipping such a box to the image would put a thin false box along the image edge."""
-    if len(dets) == 0:
-        return dets
-    ch, cw = tf.content_shape
-    x0 = np.clip(dets[:, 0], tf.offset_x, tf.offset_x + cw)
-    x1 = np.clip(dets[:, 2], tf.offset_x, tf.offset_x + cw)
-    y0 = np.clip(dets[:, 1], tf.offset_y, tf.offset_y + ch)
-    y1 = np.clip(dets[:, 3], tf.offset_y, tf.offset_y + ch)
-    inside = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
-    area = np.maximum(dets[:, 2] - dets[:, 0], 1e-6) * np.maximum(dets[:, 3] - dets[:, 1], 1e-6)
-    return dets[inside >= 0.5 * area]
 
 
 def _to_boxes(dets: np.ndarray) -> tuple[Box, ...]:

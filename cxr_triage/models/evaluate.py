@@ -26,11 +26,14 @@ import html
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
 from cxr_triage.models.postprocess import DetectionParams, box_iou, decode_detections
+
+if TYPE_CHECKING:
+    from cxr_triage.models.preprocess import Transform
 
 RSNA_IOU_THRESHOLDS: tuple[float, ...] = tuple(round(0.40 + 0.05 * i, 2) for i in range(8))
 
@@ -191,6 +194,9 @@ class RawDetection:
     bbox_regression: np.ndarray  # (A,4)
     to_original: Callable[[np.ndarray], np.ndarray] | None = None  # (K,4) model px -> (K,4) original px
     pneumonia_probability: float | None = None  # classifier output, for gating
+    # The image's letterbox transform. When set, post-processing is exactly the analyzer's (served_detections:
+    # padding boxes dropped, boxes clipped to the model image) and ``to_original`` is not used.
+    transform: Transform | None = None
 
 
 def detections_from_raw(
@@ -200,10 +206,14 @@ def detections_from_raw(
     *,
     gate: bool = False,
 ) -> dict[str, np.ndarray]:
-    from cxr_triage.models.postprocess import gate_with_classifier
+    from cxr_triage.models.postprocess import gate_with_classifier, served_detections
 
     out: dict[str, np.ndarray] = {}
     for key, r in raw.items():
+        if r.transform is not None:
+            out[key] = served_detections(r.cls_logits, r.bbox_regression, anchors, params, r.transform,
+                                         pneumonia_probability=r.pneumonia_probability if gate else None)
+            continue
         dets = decode_detections(r.cls_logits, r.bbox_regression, anchors, params)
         if gate and r.pneumonia_probability is not None:
             dets = gate_with_classifier(dets, r.pneumonia_probability, params)
@@ -526,7 +536,7 @@ def evaluate_analyzer(
     The classifier probability comes from ``analyzer.infer`` run with the detector detached (a shallow
     copy with ``detector_engine=None``); the detector's raw outputs are computed once with
     ``analyzer.detector_engine`` and cached, then decoded + gated with the card's post-processing exactly as
-    the analyzer does (``decode_detections`` -> ``gate_with_classifier`` -> ``Transform.to_original``),
+    the analyzer does (:func:`~cxr_triage.models.postprocess.served_detections`),
     which is what the score/NMS sweeps re-run. Returns the classifier scorer and, when a detector is
     present, a "detector global head" scorer (softmax P(Lung Opacity)).
     """
@@ -539,6 +549,10 @@ def evaluate_analyzer(
     det_card = getattr(analyzer, "detector_card", None)
     cls_only = copy.copy(analyzer)
     cls_only.detector_engine = None  # type: ignore[attr-defined]
+    # A checkpoint/fold ensemble serves WBF-fused boxes: measure those from the full analyzer; the sweeps re-run
+    # the first member's post-processing only.
+    ensemble = bool(getattr(analyzer, "ensemble_members", ()))
+    served: dict[str, np.ndarray] = {}
     probs: dict[str, float] = {}
     raw: dict[str, RawDetection] = {}
     glob: dict[str, float] = {}
@@ -558,15 +572,18 @@ def evaluate_analyzer(
                 failed.append(k)
         if not prepared:
             continue
-        for r in cls_only.infer(prepared):  # type: ignore[attr-defined]
+        for r in (analyzer if ensemble else cls_only).infer(prepared):  # type: ignore[attr-defined]
             probs[r.key] = r.pneumonia_probability
+            if ensemble:
+                served[r.key] = np.array([[b.x0, b.y0, b.x1, b.y1, b.score] for b in r.boxes],
+                                         dtype=np.float32).reshape(-1, 5)
         if det_engine is not None:
             out = det_engine.run(np.stack([p.detector_input for p in prepared]))
             for i, p in enumerate(prepared):
                 tf = p.detector_transform
                 raw[p.key] = RawDetection(
                     cls_logits=out["cls_logits"][i], bbox_regression=out["bbox_regression"][i],
-                    to_original=tf.to_original, pneumonia_probability=probs[p.key],
+                    pneumonia_probability=probs[p.key], transform=tf,
                 )
                 if "global_logits" in out:
                     g = out["global_logits"][i].astype(np.float64)
@@ -587,12 +604,16 @@ def evaluate_analyzer(
     if raw and det_card is not None:
         params, anchors = detection_params_from_card(det_card)
         gt = {k: eval_set.ground_truth[k] for k in raw}
-        preds = detections_from_raw(raw, anchors, params, gate=True)
+        preds = served if ensemble else detections_from_raw(raw, anchors, params, gate=True)
         cls_res.rsna = rsna_metric_details(preds, gt)
+        what = (f"ensemble of {1 + len(analyzer.ensemble_members)} detectors fused by WBF"  # type: ignore[attr-defined]
+                if ensemble else "detector")
         cls_res.notes.append(
-            f"RSNA metric on the served boxes (detector + classifier gating, {params}); "
+            f"RSNA metric on the served boxes ({what} + classifier gating, {params}); "
             f"{sum(len(v) for v in preds.values())} boxes on {len(preds)} images"
         )
+        if ensemble and sweeps:
+            cls_res.notes.append("threshold sweeps re-run the first ensemble member's post-processing only")
         if sweeps:
             cls_res.sweeps["score_threshold"] = sweep(raw, anchors, gt, base=params, parameter="score_threshold",
                                                       values=SCORE_SWEEP, gate=True, progress=progress)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from cxr_triage.models.preprocess import Transform
 
 # Global (image-level) classes of the detector's extra head, RSNA "detailed class info" names.
 GLOBAL_CLASSES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
@@ -186,6 +189,44 @@ def gate_with_classifier(dets: np.ndarray, pneumonia_probability: float, params:
     dets[:, 4] = (1.0 - w) * dets[:, 4] + w * p
     dets = dets[dets[:, 4] >= params.score_threshold]
     return _sorted(dets)
+
+
+def drop_padding_boxes(dets: np.ndarray, tf: "Transform") -> np.ndarray:
+    """Drop boxes that lie mostly on the letterbox padding (not on the radiograph): a detector can fire on the
+    black border, and clipping such a box to the image would put a thin false box along the image edge."""
+    if len(dets) == 0:
+        return dets
+    ch, cw = tf.content_shape
+    x0 = np.clip(dets[:, 0], tf.offset_x, tf.offset_x + cw)
+    x1 = np.clip(dets[:, 2], tf.offset_x, tf.offset_x + cw)
+    y0 = np.clip(dets[:, 1], tf.offset_y, tf.offset_y + ch)
+    y1 = np.clip(dets[:, 3], tf.offset_y, tf.offset_y + ch)
+    inside = np.maximum(x1 - x0, 0) * np.maximum(y1 - y0, 0)
+    area = np.maximum(dets[:, 2] - dets[:, 0], 1e-6) * np.maximum(dets[:, 3] - dets[:, 1], 1e-6)
+    return dets[inside >= 0.5 * area]
+
+
+def served_detections(
+    cls_logits: np.ndarray,
+    bbox_regression: np.ndarray,
+    anchors: np.ndarray,
+    params: DetectionParams,
+    tf: "Transform",
+    *,
+    pneumonia_probability: float | None,
+) -> np.ndarray:
+    """One detector's raw head outputs -> the boxes we serve, (K, 5) xyxy+score in ORIGINAL pixels.
+
+    decode + NMS + box shrink (:func:`decode_detections`), classifier gating, padding boxes dropped, mapped back
+    through the letterbox. The analyzer and the evaluation both call this, so what is measured is what is served.
+    """
+    dets = decode_detections(cls_logits, bbox_regression, anchors, params, image_size=tf.model_shape)
+    if pneumonia_probability is not None:
+        dets = gate_with_classifier(dets, pneumonia_probability, params)
+    dets = drop_padding_boxes(dets, tf)
+    if len(dets) == 0:
+        return np.zeros((0, 5), dtype=np.float32)
+    return np.concatenate([tf.to_original(dets[:, :4]), dets[:, 4:5]], axis=1).astype(np.float32)
 
 
 def fuse_ensemble(

@@ -85,7 +85,7 @@ def test_models_unavailable_without_real_weights(tmp_path: Path, demo_models_dir
 def test_boxes_on_the_letterbox_padding_are_dropped() -> None:
     import numpy as np
 
-    from cxr_triage.models.analyzer import _inside_content
+    from cxr_triage.models.postprocess import drop_padding_boxes
     from cxr_triage.models.preprocess import InputSpec, prepare
 
     # A tall image letterboxed into 512: content is 256 wide, padding on the right.
@@ -96,7 +96,7 @@ def test_boxes_on_the_letterbox_padding_are_dropped() -> None:
                      [300, 10, 400, 100, 0.7],    # entirely padding
                      [200, 10, 280, 100, 0.6]],   # 56 of 80 px inside: kept
                     dtype=np.float32)
-    kept = _inside_content(dets, tf)
+    kept = drop_padding_boxes(dets, tf)
     assert kept[:, 4].tolist() == pytest.approx([0.9, 0.6])
 
 
@@ -107,3 +107,45 @@ def test_demo_scores_on_real_radiographs_are_spread_not_pinned(analyzer) -> None
     scores = [r.pneumonia_probability for r in analyzer.infer(batch)]
     # Meaningless but usable for a demo: some low, some high, so the worklist shows flagged studies.
     assert min(scores) < 0.1 and max(scores) > 0.4, scores
+
+
+def test_evaluation_measures_exactly_the_served_boxes(analyzer, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The evaluation re-runs post-processing from cached raw outputs (for its sweeps); on the card's own
+    parameters it must give the boxes the analyzer serves, padding filter and letterbox mapping included."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from cxr_triage.models import evaluate as ev
+
+    # Wide and tall crops: letterboxed, so the demo detector fires on the padding and the filter matters.
+    images = [IMAGES[0], *nih_pngs(2)]
+    for j, png in enumerate(nih_pngs(4)[2:]):
+        pixels = np.asarray(Image.open(png).convert("L"))
+        crop = tmp_path / f"crop{j}.png"
+        Image.fromarray(pixels[:, 200:650] if j else pixels[300:800, :]).save(crop)
+        images.append(crop)
+    prepared = [analyzer.prepare(p, key=f"k{i}") for i, p in enumerate(images)]
+    assert {p.detector_transform.content_shape for p in prepared[-2:]} == {(250, 512), (512, 225)}
+    params, anchors = ev.detection_params_from_card(analyzer.detector_card)
+    # A low threshold so that the demo detector yields boxes to compare (on both sides alike).
+    low = dataclasses.replace(params, score_threshold=0.0, gate_weight=0.0)
+    analyzer._members[0] = (analyzer._members[0][0], low, anchors, 1.0)
+    try:
+        served = analyzer.infer(prepared)
+    finally:
+        analyzer._members[0] = (analyzer._members[0][0], params, anchors, 1.0)
+    out = analyzer.detector_engine.run(np.stack([p.detector_input for p in prepared]))
+    raw = {
+        p.key: ev.RawDetection(cls_logits=out["cls_logits"][i], bbox_regression=out["bbox_regression"][i],
+                               pneumonia_probability=r.pneumonia_probability, transform=p.detector_transform)
+        for i, (p, r) in enumerate(zip(prepared, served))
+    }
+    measured = ev.detections_from_raw(raw, anchors, low, gate=True)
+    total = 0
+    for r in served:
+        expected = np.array([[b.x0, b.y0, b.x1, b.y1, b.score] for b in r.boxes], dtype=np.float32).reshape(-1, 5)
+        np.testing.assert_allclose(measured[r.key], expected, rtol=1e-5, atol=1e-3)
+        total += len(expected)
+    assert total > 0

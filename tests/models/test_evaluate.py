@@ -13,6 +13,7 @@ import pytest
 from cxr_triage.models import evaluate as ev
 from cxr_triage.models.detector import detector_anchors
 from cxr_triage.models.postprocess import DetectionParams
+from cxr_triage.models.preprocess import Transform
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
 NIH = SHARED / "nih-cxr14"
@@ -134,7 +135,9 @@ class _FakeAnalyzer:
         self.calls = 0
 
     def prepare(self, path, *, key):
-        tf = SimpleNamespace(to_original=lambda b: np.asarray(b) * 2.0)
+        # Original image twice the model size, no padding: to_original doubles coordinates.
+        tf = Transform(scale_x=0.5, scale_y=0.5, offset_x=0.0, offset_y=0.0, original_shape=(128, 128),
+                       model_shape=(64, 64))
         return SimpleNamespace(key=key, detector_input=np.zeros((3, 64, 64), np.float32), detector_transform=tf)
 
     def infer(self, batch):
