@@ -47,6 +47,11 @@ class ApiSettings(BaseSettings):
     metrics_public: bool = False
     sse_poll_s: float = Field(1.0, gt=0, le=60)
     sse_max_s: float = Field(300, gt=0)
+    # Password guessing: after this many failed sign-ins within the window, further attempts for that user name
+    # (or from that address, at the higher limit) are refused without checking the password (HTTP 429).
+    login_max_failures: int = Field(5, ge=1)
+    login_max_failures_per_ip: int = Field(20, ge=1)
+    login_failure_window_s: float = Field(900, gt=0)
     broker_queues: str = "analyze,deliver"
 
     @property

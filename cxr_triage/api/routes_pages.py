@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
@@ -48,16 +49,33 @@ async def login(
     await check_csrf(request)
     c = ctx(request)
 
-    def attempt() -> Principal | None:
+    source_ip = client_ip(request)
+    limits = c.api_settings
+
+    def attempt() -> Principal | None | bool:
+        """The principal, None for a wrong password, False when sign-in is throttled for this user/address."""
         with c.session_factory() as session:
-            principal = accounts.authenticate_password(session, username=username, password=password, now=c.clock())
+            now = c.clock()
+            since = now - timedelta(seconds=limits.login_failure_window_s)
+            by_user, by_ip = accounts.recent_login_failures(session, username=username, source_ip=source_ip,
+                                                            since=since)
+            if by_user >= limits.login_max_failures or by_ip >= limits.login_max_failures_per_ip:
+                accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=now,
+                               username=username, outcome=8, source_ip=source_ip,
+                               detail={"method": "password", "throttled": True})
+                return False
+            principal = accounts.authenticate_password(session, username=username, password=password, now=now)
             session.commit()
-            accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=c.clock(),
+            accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=now,
                            principal=principal, username=username, outcome=0 if principal else 4,
-                           source_ip=client_ip(request), detail={"method": "password"})
+                           source_ip=source_ip, detail={"method": "password"})
             return principal
 
     principal = await run_in_threadpool(attempt)
+    if principal is False:
+        minutes = max(1, round(limits.login_failure_window_s / 60))
+        return _render(request, "login.html", None, status=429, next=_safe_next(next),
+                       error=f"Too many failed sign-ins. Try again in {minutes} minutes or ask an administrator.")
     if principal is None:
         return _render(request, "login.html", None, status=401, next=_safe_next(next),
                        error="Unknown user or wrong password.")

@@ -11,7 +11,7 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cxr_triage.db.tables_auth import ApiToken, AuditEvent, User
@@ -156,6 +156,20 @@ def audit(
         )
     )
     session.commit()
+
+
+def recent_login_failures(session: Session, *, username: str, source_ip: str | None, since: datetime) -> tuple[int, int]:
+    """Failed password sign-ins since ``since``: (for this user name, from this address). Read from the audit
+    trail, so every API process sees the same counts. Refused-while-throttled attempts (outcome 8) don't count,
+    so a lock ends as soon as fewer than the limit of real guesses remain inside the sliding window."""
+    base = (
+        select(func.count())
+        .select_from(AuditEvent)
+        .where(AuditEvent.event_code == EVENT_USER_AUTHENTICATION[0], AuditEvent.outcome == 4, AuditEvent.at >= since)
+    )
+    by_user = session.scalar(base.where(AuditEvent.username == username[:128])) or 0
+    by_ip = (session.scalar(base.where(AuditEvent.source_ip == source_ip[:64])) or 0) if source_ip else 0
+    return int(by_user), int(by_ip)
 
 
 def list_audit(

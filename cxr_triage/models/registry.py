@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -32,6 +33,7 @@ import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Collection
 from typing import Any, Callable
 
 from .preprocess import InputSpec
@@ -431,14 +433,35 @@ def import_weights(
     )
     if format == "onnx":
         card = replace(card, onnx=OnnxInfo(file=rel, sha256=digest, output_names=tuple(fields.get("output_names", ()))))
-    return _finish_card(card, models_dir, export=export)
+    explicit = set((card_overrides or {}).get("operating_thresholds") or {})
+    return _finish_card(card, models_dir, export=export, explicit_thresholds=explicit)
 
 
-def _finish_card(card: ModelCard, models_dir: Path, *, export: bool) -> ModelCard:
+def thresholds_from_checkpoint(card: ModelCard, module: Any, *, keep: Collection[str] = ()) -> ModelCard:
+    """Take the operating points a torchxrayvision checkpoint carries (its ``op_threshs`` buffer) into the card.
+
+    torchxrayvision calibrates outputs so that ``op_threshs[k]`` maps to 0.5; we serve raw sigmoid probabilities,
+    so flagging ``p >= op_threshs[k]`` is exactly xrv's operating point. NaN entries (labels the model was not
+    trained on) and labels in ``keep`` (set explicitly by the user) are left as they are.
+    """
+    op = getattr(module, "op_threshs", None)
+    if card.task != "classification" or op is None:
+        return card
+    values = [float(v) for v in op.detach().float().flatten().tolist()]
+    if len(values) != len(card.labels):
+        return card
+    found = {lab: v for lab, v in zip(card.labels, values) if math.isfinite(v) and 0.0 < v < 1.0 and lab not in keep}
+    if not found:
+        return card
+    return replace(card, operating_thresholds={**card.operating_thresholds, **found})
+
+
+def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_thresholds: Collection[str] = ()) -> ModelCard:
     if card.weights.format != "onnx":
         from .export import export_card_onnx, load_card_module
 
-        load_card_module(card)  # validates the checkpoint: clear CheckpointError otherwise
+        module = load_card_module(card)  # validates the checkpoint: clear CheckpointError otherwise
+        card = thresholds_from_checkpoint(card, module, keep=explicit_thresholds)
         if export:
             card = export_card_onnx(card)
     save_card(card, models_dir)

@@ -295,3 +295,48 @@ def test_study_detail_shows_every_model_card_of_a_combined_version(
         s.commit()
     body = client.get(f"/api/studies/{sid}", headers=auth(users["radiologist"])).json()
     assert [c["name"] for c in body["model_cards"]] == ["cls-a", "det-b"]
+
+
+def test_password_guessing_is_throttled_per_user_and_the_lock_expires(client, users, clock):
+    """5 wrong passwords for a user name within 15 min: the 6th attempt, even with the right password, is 429
+    without the password being checked; the lock ends once fewer than 5 guesses remain in the window."""
+
+    def sign_in(password: str) -> int:
+        page = client.get("/login").text
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+        return client.post("/login", data={"username": "radiologist1", "password": password, "csrf_token": csrf},
+                           follow_redirects=False).status_code
+
+    for _ in range(5):
+        assert sign_in("guess") == 401
+        clock.advance(seconds=30)
+    assert sign_in("radiologist-password") == 429
+    assert sign_in("guess") == 429
+    # Another user is not affected by this user name's lock.
+    page = client.get("/login").text
+    csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+    other = client.post("/login", data={"username": "admin1", "password": "admin-password", "csrf_token": csrf},
+                        follow_redirects=False)
+    assert other.status_code == 303
+    clock.advance(minutes=12)  # t = 14.5 min: all five guesses are still inside the 15-minute window
+    assert sign_in("radiologist-password") == 429
+    clock.advance(minutes=1)  # t = 15.5 min: the first guess has left the window, four remain
+    assert sign_in("radiologist-password") == 303
+    audit = client.get("/api/admin/audit", headers=auth(users["admin"]), params={"limit": 100}).json()["items"]
+    outcomes = [e["outcome"] for e in audit if e["event_code"] == "110114" and e["username"] == "radiologist1"]
+    assert sorted(outcomes) == sorted([4] * 5 + [8] * 3 + [0])
+
+
+def test_password_guessing_from_one_address_is_throttled(app, users, clock):
+    from fastapi.testclient import TestClient
+
+    app.state.ctx.api_settings.login_max_failures_per_ip = 3  # type: ignore[attr-defined]
+    with TestClient(app) as c:
+        codes = []
+        for name in ("u1", "u2", "u3", "radiologist1"):
+            page = c.get("/login").text
+            csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+            pw = "radiologist-password" if name == "radiologist1" else "x"
+            codes.append(c.post("/login", data={"username": name, "password": pw, "csrf_token": csrf},
+                                follow_redirects=False).status_code)
+    assert codes == [401, 401, 401, 429]

@@ -157,3 +157,36 @@ def test_engine_cache_key_changes_with_every_input() -> None:
     assert engine_cache_key(**i8, calibration_sha256="x") != engine_cache_key(**i8, calibration_sha256="y")
     with pytest.raises(ValueError):
         engine_cache_key(**{**base, "precision": "fp64"})
+
+
+def test_xrv_operating_points_travel_into_the_card(tmp_path: Path) -> None:
+    """An xrv checkpoint's op_threshs become the card's thresholds (NaN = untrained label: default kept)."""
+    from cxr_triage.models.registry import XRV_PATHOLOGIES
+
+    torch.manual_seed(5)
+    m = build_classifier("densenet121-xrv")
+    op = torch.full((18,), float("nan"))
+    pneu, opac = XRV_PATHOLOGIES.index("Pneumonia"), XRV_PATHOLOGIES.index("Lung Opacity")
+    op[pneu], op[opac] = 0.0734, 0.2391  # the shape of xrv's rsna model: two trained labels
+    m.op_threshs = op
+    path = tmp_path / "rsna.pt"
+    torch.save(m.state_dict(), path)
+    card = import_weights(path, models_dir=tmp_path / "models", name="rsna", version="1", architecture="densenet121-xrv",
+                          format="xrv")
+    assert card.threshold == pytest.approx(0.0734)
+    assert card.operating_thresholds["Lung Opacity"] == pytest.approx(0.2391)
+    assert "Atelectasis" not in card.operating_thresholds or card.operating_thresholds["Atelectasis"] == 0.5
+    assert load_card(tmp_path / "models" / "rsna.card.json").threshold == pytest.approx(0.0734)
+
+    # An explicit threshold wins over the checkpoint's, through the CLI too.
+    from typer.testing import CliRunner
+
+    from cxr_triage.cli import app
+
+    out = CliRunner().invoke(app, ["models", "import", str(path), "--name", "rsna2", "--version", "1",
+                                   "--threshold", "0.3", "--models-dir", str(tmp_path / "models")])
+    assert out.exit_code == 0, out.output
+    assert load_card(tmp_path / "models" / "rsna2.card.json").threshold == pytest.approx(0.3)
+    explicit = import_weights(path, models_dir=tmp_path / "m3", name="r3", version="1", architecture="densenet121-xrv",
+                              format="xrv", card_overrides={"operating_thresholds": {"Pneumonia": 0.6}})
+    assert explicit.threshold == pytest.approx(0.6)
