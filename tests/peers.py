@@ -140,12 +140,54 @@ def run_storescp(
     raise RuntimeError(f"storescp did not start: {last_error}")
 
 
+def _listening_inodes(port: int) -> set[str]:
+    """Socket inodes of the TCP sockets LISTENing on ``port`` (any address), from /proc/net/tcp{,6}."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    return inodes
+
+
+def _owns_listener(pid: int, port: int) -> bool:
+    """True when process ``pid`` itself holds a socket listening on ``port``.
+
+    A TCP probe is not enough: under load, the port picked as free can be taken by another test's server between
+    the pick and the bind; the probe then reaches that server while our peer is still exiting on EADDRINUSE.
+    """
+    inodes = _listening_inodes(port)
+    if not inodes:
+        return False
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in inodes:
+            return True
+    return False
+
+
 def _wait_listening(proc: subprocess.Popen, host: str, port: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        if wait_for_port(host, port, timeout=0.2):
+        if os.path.isdir("/proc/self/fd"):
+            if _owns_listener(proc.pid, port):
+                return True
+            time.sleep(0.02)
+        elif wait_for_port(host, port, timeout=0.2):  # no /proc: best effort
             time.sleep(0.05)  # a process that lost the port race exits right after bind() fails
             return proc.poll() is None
     return False
