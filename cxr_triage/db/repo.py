@@ -6,9 +6,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
@@ -470,8 +469,6 @@ def count_by_state(session: Session) -> dict[str, int]:
     rows = session.execute(select(Instance.state, func.count()).group_by(Instance.state)).all()
     return {state: n for state, n in rows}
 
-
-__all__ = [name for name in dir() if not name.startswith("_") and name not in {"Any", "exists"}]
 
 
 def claim_outbox(session: Session, *, outbox_id: int, now: datetime, lease: timedelta) -> OutboxItem | None:

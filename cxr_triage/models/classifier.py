@@ -31,7 +31,6 @@ Checkpoint formats understood by :func:`load_classifier_weights` / :func:`normal
 
 from __future__ import annotations
 
-import io
 import pickle
 import re
 from collections import OrderedDict

@@ -50,6 +50,7 @@ __all__ = [
     "find_card",
     "card_path",
     "import_weights",
+    "thresholds_from_checkpoint",
     "fetch_weights",
     "verify_weights",
     "verify_onnx",

@@ -7,6 +7,7 @@ import io
 import json
 import re
 from datetime import timedelta
+from typing import Any
 
 import pytest
 from fastapi.routing import APIRoute

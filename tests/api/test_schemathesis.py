@@ -3,7 +3,6 @@ Runs on SQLite and PostgreSQL (which rejects NUL bytes in text: a classic source
 
 from __future__ import annotations
 
-import pytest
 
 import schemathesis
 from hypothesis import HealthCheck, given, settings as hsettings  # noqa: E402

@@ -6,12 +6,13 @@ beat; the broker is a real redis-server with AOF in the test's directory; the da
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,17 @@ class Service:
         self.procs.clear()
         if self.redis:
             self.redis.stop()
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator["Service"]:
+        """Stop every part on the way out; on a failure print the parts' logs first (they explain it)."""
+        try:
+            yield self
+        except BaseException:
+            print(self.logs())
+            raise
+        finally:
+            self.stop()
 
     def logs(self) -> str:
         return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-4000:]}" for p in sorted(self.root.glob("*.log")))

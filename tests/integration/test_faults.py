@@ -53,7 +53,7 @@ def test_worker_killed_mid_batch(tmp_path: Path, demo_models_cache: Path, pacs: 
     dest, out = pacs
     svc = Service(tmp_path, demo_models_cache, pacs=dest)
     files = dx_inputs(tmp_path, 8)
-    try:
+    with svc.running():
         svc.start()
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
         wait_until(lambda: any(s == InstanceState.ANALYSING for _, s, _ in svc.instance_states()), timeout=120,
@@ -61,18 +61,13 @@ def test_worker_killed_mid_batch(tmp_path: Path, demo_models_cache: Path, pacs: 
         svc.kill_part("analyze", signal.SIGKILL)
         svc.start_part("analyze")
         assert_nothing_lost(svc, files, out)
-    except BaseException:
-        print(svc.logs())
-        raise
-    finally:
-        svc.stop()
 
 
 def test_redis_restart_and_redis_data_loss(tmp_path: Path, demo_models_cache: Path, pacs: tuple[str, Path]) -> None:
     dest, out = pacs
     svc = Service(tmp_path, demo_models_cache, pacs=dest)
     files = dx_inputs(tmp_path, 6)
-    try:
+    with svc.running():
         svc.start("listener", "deliver")  # no analyze worker yet: tasks wait in Redis
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files[:3]))
         assert svc.redis is not None
@@ -88,18 +83,13 @@ def test_redis_restart_and_redis_data_loss(tmp_path: Path, demo_models_cache: Pa
         svc.redis.start()
         svc.start_part("analyze")
         assert_nothing_lost(svc, files, out)
-    except BaseException:
-        print(svc.logs())
-        raise
-    finally:
-        svc.stop()
 
 
 def test_pacs_down_then_up(tmp_path: Path, demo_models_cache: Path) -> None:
     port = free_port()
     svc = Service(tmp_path, demo_models_cache, pacs=f"PACS@127.0.0.1:{port}")
     files = dx_inputs(tmp_path, 3)
-    try:
+    with svc.running():
         svc.start()
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
         wait_until(lambda: any(o.attempts >= 1 and o.state == "pending" for o in svc.outbox()), timeout=180,
@@ -109,11 +99,6 @@ def test_pacs_down_then_up(tmp_path: Path, demo_models_cache: Path) -> None:
         items = svc.outbox()
         assert all(o.state == "sent" for o in items)
         assert any(o.attempts >= 2 for o in items), "delivery was retried after the PACS came back"
-    except BaseException:
-        print(svc.logs())
-        raise
-    finally:
-        svc.stop()
 
 
 def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, pacs: tuple[str, Path]) -> None:
@@ -123,7 +108,7 @@ def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, 
     dest, out = pacs
     svc = Service(tmp_path, demo_models_cache, pacs=dest)
     files = dx_inputs(tmp_path, 10)
-    try:
+    with svc.running():
         svc.start()
         sender = subprocess.Popen(
             [DCMTK_STORESCU, "-aet", "MODALITY", "-aec", "CXRTRIAGE", "-R", "127.0.0.1", str(svc.dicom_port), *map(str, files)],
@@ -139,8 +124,3 @@ def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, 
         # The modality resends the whole series (as modalities do after an aborted association).
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
         assert_nothing_lost(svc, files, out)
-    except BaseException:
-        print(svc.logs())
-        raise
-    finally:
-        svc.stop()
