@@ -11,7 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from cxr_triage.core.settings import Settings
 
@@ -34,7 +34,9 @@ def make_celery(settings: Settings) -> Celery:
         task_ignore_result=True,
         result_backend=None,
         task_default_queue=DELIVER_QUEUE,
-        task_queues=[Queue(ANALYZE_QUEUE), Queue(DELIVER_QUEUE)],
+        # Each queue on its own direct exchange and key: left implicit, Celery binds every queue to the default
+        # queue's exchange and key, so anything published there would reach both queues.
+        task_queues=[Queue(q, Exchange(q, type="direct"), routing_key=q) for q in (ANALYZE_QUEUE, DELIVER_QUEUE)],
         task_routes={TASK_ANALYZE: {"queue": ANALYZE_QUEUE}},
         # Nothing is acknowledged before it is done; a worker that dies gives its messages back.
         task_acks_late=True,
