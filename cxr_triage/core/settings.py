@@ -70,6 +70,7 @@ class Settings(BaseSettings):
     batch_wait_ms: int = Field(50, ge=0, le=10_000)
     max_attempts: int = Field(3, ge=1, le=20)
     task_time_limit_s: int = Field(300, ge=10)
+    analysis_lease_s: float = Field(30.0, ge=3)  # renewed while in flight: a dead worker is noticed this fast
     engine: str = "auto"
     models_dir: Path | None = None
     worker_concurrency: int = Field(1, ge=1, le=64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -153,7 +153,7 @@ def claim_for_analysis(
     if inst.state in TERMINAL_INSTANCE_STATES:
         session.rollback()
         return ClaimRefusal(instance_id, "terminal")
-    if inst.state == InstanceState.ANALYSING and inst.started_at is not None and inst.started_at + lease > now:
+    if inst.state == InstanceState.ANALYSING and _lease_end(inst, lease) > now:
         session.rollback()
         return ClaimRefusal(instance_id, "busy")
     if inst.attempts >= max_attempts:
@@ -166,10 +166,32 @@ def claim_for_analysis(
     inst.attempts += 1
     inst.state = InstanceState.ANALYSING
     inst.started_at = now
+    inst.lease_until = now + lease
     if inst.queued_at is None:
         inst.queued_at = now
     session.commit()
     return Claim(instance_id=inst.id, spool_name=inst.spool_name, attempt=inst.attempts)
+
+
+def _lease_end(inst: Instance, lease: timedelta) -> datetime:
+    if inst.lease_until is not None:
+        return inst.lease_until
+    if inst.started_at is not None:  # claimed before leases were renewable (schema 0003)
+        return inst.started_at + lease
+    return datetime.min.replace(tzinfo=timezone.utc)
+
+
+def renew_leases(session: Session, *, instance_ids: Sequence[int], until: datetime) -> int:
+    """Extend the claims of instances still being analysed (a live worker's heartbeat); commits. Returns the count."""
+    if not instance_ids:
+        return 0
+    result = session.execute(
+        update(Instance)
+        .where(Instance.id.in_(list(instance_ids)), Instance.state == InstanceState.ANALYSING)
+        .values(lease_until=until)
+    )
+    session.commit()
+    return int(result.rowcount or 0)
 
 
 BoxRecord = Box  # boxes are stored exactly as the analyzer produced them
@@ -288,7 +310,10 @@ def unfinished_instances(session: Session, *, now: datetime, grace: timedelta, l
     stmt = select(Instance.id).where(
         or_(
             and_(Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]), Instance.received_at < now - grace),
-            and_(Instance.state == InstanceState.ANALYSING, Instance.started_at < now - lease),
+            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until < now),
+            # Claims taken before leases were renewable (schema 0003) carry no lease_until.
+            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until.is_(None),
+                 Instance.started_at < now - lease),
         )
     ).order_by(Instance.id)
     return list(session.scalars(stmt))

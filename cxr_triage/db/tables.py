@@ -138,6 +138,9 @@ class Instance(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
     inferred_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
     stored_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    # While ANALYSING: the claim holds until this time. The worker renews it while the image is in flight, so a
+    # worker that dies is noticed within one lease (the reconciler re-queues), not after the task time limit.
+    lease_until: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
 
     study: Mapped[Study] = relationship(back_populates="instances")
     analyses: Mapped[list[Analysis]] = relationship(back_populates="instance")

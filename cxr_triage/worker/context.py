@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_triage.core.settings import Settings
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.worker.batcher import MicroBatcher
-from cxr_triage.worker.pipeline import AnalysisDeps, DeliveryDeps, ReportDeps
+from cxr_triage.worker.leases import LeaseKeeper
+from cxr_triage.worker.pipeline import AnalysisDeps, DeliveryDeps, ReportDeps, utcnow
 
 
 @dataclass
@@ -29,7 +30,8 @@ class WorkerContext:
 
     @property
     def lease(self) -> timedelta:
-        return timedelta(seconds=self.settings.task_time_limit_s)
+        """An analysis claim's lease: short, because a live worker renews it (:mod:`cxr_triage.worker.leases`)."""
+        return timedelta(seconds=self.settings.analysis_lease_s)
 
     def analysis_deps(self) -> AnalysisDeps:
         with self._lock:
@@ -55,6 +57,12 @@ class WorkerContext:
                     max_attempts=self.settings.max_attempts,
                     threshold=threshold,
                     not_analysable=NotAnalysable,
+                    leases=LeaseKeeper(
+                        self.session_factory,
+                        lease=self.lease,
+                        max_hold=timedelta(seconds=self.settings.task_time_limit_s),
+                        clock=utcnow,
+                    ),
                 )
             return self._analysis
 

@@ -26,6 +26,7 @@ from cxr_triage.core.states import NotAnalysedReason, OutboxState
 from cxr_triage.core.uids import derive_uid
 from cxr_triage.db import repo
 from cxr_triage.db.tables import StructuredReport, Study
+from cxr_triage.worker.leases import LeaseKeeper
 
 log = get_logger(__name__)
 
@@ -86,6 +87,7 @@ class AnalysisDeps:
     not_analysable: type[Exception]
     infer_timeout_s: float = 120.0
     clock: Clock = utcnow
+    leases: LeaseKeeper | None = None  # renews the claim while the image is in flight
 
 
 def analyze_instance(instance_id: int, deps: AnalysisDeps) -> str:
@@ -97,6 +99,13 @@ def analyze_instance(instance_id: int, deps: AnalysisDeps) -> str:
     if isinstance(claim, repo.ClaimRefusal):
         log.info("analysis skipped", instance=instance_id, why=claim.why)
         return claim.why
+    if deps.leases is None:
+        return _analyze_claimed(instance_id, claim, deps)
+    with deps.leases.hold(instance_id):
+        return _analyze_claimed(instance_id, claim, deps)
+
+
+def _analyze_claimed(instance_id: int, claim: repo.Claim, deps: AnalysisDeps) -> str:
     try:
         path = spool_path(deps.spool_dir, claim.spool_name)
     except ValueError:

@@ -102,6 +102,47 @@ def test_reconciler_finds_stale_work(sessions: sessionmaker[Session]) -> None:
     assert late == [stale, busy]
 
 
+def test_renewed_lease_keeps_a_live_claim_and_an_unrenewed_one_expires(sessions: sessionmaker[Session]) -> None:
+    lease = timedelta(seconds=30)
+    with sessions() as s:
+        live = repo.record_received(s, obj=received(uid="2.1", sha="e" * 64)).instance_id
+        dead = repo.record_received(s, obj=received(uid="2.2", sha="f" * 64)).instance_id
+        done = repo.record_received(s, obj=received(uid="2.3", sha="1" * 64)).instance_id
+    with sessions() as s:
+        for iid in (live, dead):
+            repo.claim_for_analysis(s, instance_id=iid, now=T0, lease=lease, max_attempts=3)
+    with sessions() as s:
+        assert s.get(Instance, live).lease_until == T0 + lease
+    # The live worker renews at 20 s and 40 s; the dead one's claim is never renewed.
+    for at in (20, 40):
+        with sessions() as s:
+            # Only ANALYSING rows are extended (a finished or unknown id is ignored).
+            assert repo.renew_leases(s, instance_ids=[live, done, 999], until=T0 + timedelta(seconds=at) + lease) == 1
+    with sessions() as s:
+        found = repo.unfinished_instances(s, now=T0 + timedelta(seconds=45), grace=timedelta(hours=1), lease=lease)
+        busy = repo.claim_for_analysis(s, instance_id=live, now=T0 + timedelta(seconds=45), lease=lease, max_attempts=3)
+    assert found == [dead]  # dead worker noticed after one lease, long before any task time limit
+    assert isinstance(busy, repo.ClaimRefusal) and busy.why == "busy"
+    with sessions() as s:  # the re-queued instance can be claimed again at once
+        again = repo.claim_for_analysis(s, instance_id=dead, now=T0 + timedelta(seconds=46), lease=lease, max_attempts=3)
+    assert isinstance(again, repo.Claim) and again.attempt == 2
+
+
+def test_claims_from_before_renewable_leases_still_expire(sessions: sessionmaker[Session]) -> None:
+    with sessions() as s:
+        iid = repo.record_received(s, obj=received(uid="3.1", sha="2" * 64)).instance_id
+    with sessions() as s:
+        repo.claim_for_analysis(s, instance_id=iid, now=T0, lease=timedelta(seconds=30), max_attempts=3)
+        inst = s.get(Instance, iid)
+        inst.lease_until = None  # as a row claimed by the previous version looks after the upgrade
+        s.commit()
+    with sessions() as s:
+        assert repo.unfinished_instances(s, now=T0 + timedelta(seconds=20), grace=timedelta(hours=1),
+                                         lease=timedelta(seconds=30)) == []
+        assert repo.unfinished_instances(s, now=T0 + timedelta(seconds=31), grace=timedelta(hours=1),
+                                         lease=timedelta(seconds=30)) == [iid]
+
+
 def _analyse(sessions: sessionmaker[Session], iid: int, p: float, when: datetime) -> None:
     with sessions() as s:
         repo.claim_for_analysis(s, instance_id=iid, now=when, lease=timedelta(seconds=30), max_attempts=3)

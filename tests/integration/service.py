@@ -73,7 +73,9 @@ class Service:
             CXR_MODELS_DIR=str(self.models_dir),
             CXR_STUDY_STABLE_SECONDS="1",
             CXR_RECONCILE_INTERVAL_S="2",
-            CXR_TASK_TIME_LIMIT_S="30",
+            # Default task time limit (300 s, Redis visibility 660 s): a killed worker's images must come back
+            # through the renewable lease, not through either of those.
+            CXR_ANALYSIS_LEASE_S="6",
             CXR_BATCH_SIZE="4",
             CXR_BATCH_WAIT_MS="100",
             CXR_DISK_RESERVE_MB="64",
