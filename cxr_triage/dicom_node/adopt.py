@@ -3,8 +3,10 @@
 The listener makes an object durable in the spool *before* it records it. When the record fails (database down),
 the peer is answered 0xA701 and the file stays in the spool under its content-hash name. Usually the peer
 resends and the resend records it (same bytes, same name). A peer that gives up would leave the image unknown to
-us, so the listener also scans the spool now and then and records every file that no instance row references:
-"nothing is lost" holds even when the sender stops retrying.
+us, so the listener also records every spool file that no instance row references: "nothing is lost" holds even
+when the sender stops retrying. At start it scans the whole spool (a process that crashed between spooling and
+recording leaves no other trace); while running it re-checks only the names whose record failed in this process
+(:class:`OrphanSuspects`), so a large spool is not walked every few minutes.
 
 Recording is idempotent on (SOP Instance UID, content hash), so a resend racing the scan stores one row. Files
 younger than ``min_age_s`` are skipped: a receive in another listener process may be between its rename and its
@@ -15,8 +17,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import threading
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
@@ -24,7 +27,7 @@ from cxr_triage.core.logging import get_logger
 from cxr_triage.dicom_node.headers import HeaderError, read_header, received_object
 from cxr_triage.dicom_node.spool import Spool
 
-__all__ = ["AdoptionReport", "adopt_orphans"]
+__all__ = ["AdoptionReport", "OrphanSuspects", "adopt_orphans"]
 
 LOG = get_logger(__name__)
 _BATCH = 500
@@ -37,6 +40,32 @@ class AdoptionReport:
     too_young: int = 0  # skipped: may still be in flight
     unreadable: int = 0  # header could not be read again (left in place, logged)
     failed: int = 0  # record or publish raised (database still down?): retried on the next scan
+    pending: list[str] = field(default_factory=list)  # too young or failed: look again next time
+
+
+class OrphanSuspects:
+    """Spool names whose database record failed in this process (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._names: set[str] = set()
+        self._lock = threading.Lock()
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names.add(name)
+
+    def update(self, names: Iterable[str]) -> None:
+        with self._lock:
+            self._names.update(names)
+
+    def take(self) -> list[str]:
+        with self._lock:
+            names, self._names = sorted(self._names), set()
+        return names
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._names)
 
 
 def _batches(names: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -53,15 +82,17 @@ def adopt_orphans(
     publish: Callable[[int], None],
     min_age_s: float = 120.0,
     now: float | None = None,
+    names: Iterable[str] | None = None,
 ) -> AdoptionReport:
-    """Record every spool file that no instance references (see the module docstring). Never raises for one file.
+    """Record every spool file (or every one of ``names``) that no instance references (see the module
+    docstring). Never raises for one file.
 
     ``recorded(sha256s)`` returns the subset of hashes the database knows; ``record``/``publish`` are the
     listener's own callbacks, so an adopted object goes through exactly the path a received one does.
     """
     report = AdoptionReport()
     cutoff = (now if now is not None else datetime.now(timezone.utc).timestamp()) - min_age_s
-    for names in _batches(spool.iter_names(), _BATCH):
+    for names in _batches(spool.iter_names() if names is None else names, _BATCH):
         report.scanned += len(names)
         known = recorded([name[3:67] for name in names])
         for name in names:
@@ -75,6 +106,7 @@ def adopt_orphans(
                 continue  # removed meanwhile
             if stat.st_mtime > cutoff:
                 report.too_young += 1
+                report.pending.append(name)
                 continue
             try:
                 header = read_header(path)
@@ -97,6 +129,7 @@ def adopt_orphans(
                     publish(outcome.instance_id)
             except Exception as exc:  # the next scan tries again (the reconciler queues a recorded one anyway)
                 report.failed += 1
+                report.pending.append(name)
                 LOG.warning("spool_adopt_failed", spool_name=name, error=type(exc).__name__)
                 continue
             if outcome.created:

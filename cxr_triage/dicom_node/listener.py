@@ -72,7 +72,7 @@ from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Settings
 from cxr_triage.core.uids import derive_uid
 from cxr_triage.dicom_node import scope
-from cxr_triage.dicom_node.adopt import adopt_orphans
+from cxr_triage.dicom_node.adopt import OrphanSuspects, adopt_orphans
 from cxr_triage.dicom_node.headers import (
     BadHeader,
     TruncatedDataset,
@@ -151,6 +151,7 @@ class StoreDeps:
     spool: Spool
     record: Callable[[ReceivedObject], RecordOutcome]
     publish: Callable[[int], None]
+    suspects: OrphanSuspects | None = None  # spool names whose record failed: the adoption thread re-checks them
 
 
 def _file_meta_bytes(*, sop_class: str, sop_instance: str, transfer_syntax: str) -> bytes:
@@ -276,8 +277,10 @@ def _store_file(
     try:
         outcome = deps.record(obj)
     except Exception as exc:
-        # The file stays: a resend has the same name; a spool scan can adopt it.
+        # The file stays: a resend has the same name; the adoption thread records it if nobody resends.
         LOG.error("record_failed", error=type(exc).__name__, spool_name=stored.name)
+        if deps.suspects is not None:
+            deps.suspects.add(stored.name)
         return STATUS_DB_UNAVAILABLE, {"why": "record-failed"}
 
     fields: dict[str, Any] = {
@@ -438,6 +441,7 @@ class TriageAE(AE):
     """A pynetdicom AE whose servers carry our handlers, PDU guard, TCP_NODELAY and SO_REUSEPORT."""
 
     spool: Spool
+    orphan_suspects: OrphanSuspects
     triage_handlers: list[Any]
     max_pdu_bytes: int
     max_object_bytes: int
@@ -511,7 +515,8 @@ def build_ae(
         if sop_class not in seen:
             seen.add(sop_class)
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
-    deps = StoreDeps(spool=spool, record=record, publish=publish)
+    ae.orphan_suspects = OrphanSuspects()
+    deps = StoreDeps(spool=spool, record=record, publish=publish, suspects=ae.orphan_suspects)
     ae.triage_handlers = [
         (evt.EVT_C_STORE, handle_store, [deps]),
         (evt.EVT_C_ECHO, handle_echo),
@@ -520,39 +525,59 @@ def build_ae(
 
 
 # ------------------------------------------------------------------------------------------------ serve
-def _child_main(settings: Settings, record: Any, publish: Any, host: str, port: int) -> None:
+def _child_main(
+    settings: Settings, record: Any, publish: Any, host: str, port: int, adoption: dict[str, Any] | None
+) -> None:
     def _stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ae = build_ae(settings, record=record, publish=publish)
+    if adoption is not None:  # this process's own failed records; the parent scans the whole spool
+        _start_adoption(ae, record=record, publish=publish, full_scan_first=False, **adoption)
     ae.reuse_port = True
     with contextlib.suppress(KeyboardInterrupt):
         ae.start_server((host, port), block=True)
 
 
 def _start_adoption(
-    spool: Spool,
+    ae: "TriageAE",
     *,
     recorded: Callable[[list[str]], set[str]],
     record: Callable[[ReceivedObject], RecordOutcome],
     publish: Callable[[int], None],
     interval_s: float,
     min_age_s: float,
+    full_scan_first: bool,
 ) -> threading.Event:
-    """A daemon thread that runs :func:`adopt_orphans` now and every ``interval_s``; set the event to stop it."""
+    """A daemon thread that adopts orphaned spool files (:mod:`cxr_triage.dicom_node.adopt`): the whole spool
+    once (``full_scan_first``), then every ``interval_s`` the names whose record failed in this process."""
     stop = threading.Event()
+    suspects: OrphanSuspects = ae.orphan_suspects
+
+    def _round(full: bool) -> None:
+        names = None if full else suspects.take()
+        if names == []:
+            return
+        try:
+            report = adopt_orphans(ae.spool, recorded=recorded, record=record, publish=publish,
+                                   min_age_s=min_age_s, names=names)
+        except Exception as exc:  # database down for the "recorded" query: look again next round
+            if names:
+                suspects.update(names)
+            LOG.warning("spool_scan_failed", error=type(exc).__name__)
+            return
+        suspects.update(report.pending)
+        if report.adopted or report.unreadable or report.failed:
+            LOG.warning("spool_scan", full=full, scanned=report.scanned, adopted=report.adopted,
+                        unreadable=report.unreadable, failed=report.failed, pending=len(report.pending))
 
     def _loop() -> None:
+        full = full_scan_first
         while not stop.is_set():
-            try:
-                report = adopt_orphans(spool, recorded=recorded, record=record, publish=publish, min_age_s=min_age_s)
-            except Exception as exc:  # database down for the "recorded" query: try again next round
-                LOG.warning("spool_scan_failed", error=type(exc).__name__)
-            else:
-                if report.adopted or report.unreadable or report.failed:
-                    LOG.warning("spool_scan", **vars(report))
+            _round(full)
+            full = False
             stop.wait(interval_s)
 
     threading.Thread(target=_loop, name="cxr-spool-adoption", daemon=True).start()
@@ -567,7 +592,7 @@ def serve(
     block: bool = True,
     processes: int = 1,
     recorded: Callable[[list[str]], set[str]] | None = None,
-    adopt_interval_s: float = 300.0,
+    adopt_interval_s: float = 60.0,
     adopt_min_age_s: float = 120.0,
 ) -> ThreadedAssociationServer | None:
     """Listen on ``settings.dicom_host:dicom_port``.
@@ -579,16 +604,21 @@ def serve(
     (or Ctrl-C / SIGTERM when ``block``) stops the children too.
 
     ``recorded(sha256s) -> known subset`` switches on spool adoption (:mod:`cxr_triage.dicom_node.adopt`): this
-    process scans the spool at start and every ``adopt_interval_s`` and records files whose record had failed.
+    process scans the whole spool at start, and every process re-checks the files whose record failed in it every
+    ``adopt_interval_s``; files younger than ``adopt_min_age_s`` are left for the receive in flight.
     """
     if processes < 1:
         raise ValueError("processes must be >= 1")
     host, port = settings.dicom_host, settings.dicom_port
+    adoption = None if recorded is None else {
+        "recorded": recorded, "interval_s": adopt_interval_s, "min_age_s": adopt_min_age_s,
+    }
     children: list[multiprocessing.process.BaseProcess] = []
     if processes > 1:
         ctx = multiprocessing.get_context("fork")
         for _ in range(processes - 1):
-            child = ctx.Process(target=_child_main, args=(settings, record, publish, host, port), daemon=True)
+            child = ctx.Process(target=_child_main, args=(settings, record, publish, host, port, adoption),
+                                daemon=True)
             child.start()
             children.append(child)
     ae = build_ae(settings, record=record, publish=publish)
@@ -602,10 +632,9 @@ def serve(
         raise
     assert server is not None
     server._cxr_children = children  # type: ignore[attr-defined]
-    if recorded is not None:
+    if adoption is not None:
         server._cxr_sweeper_stop = _start_adoption(  # type: ignore[attr-defined]
-            ae.spool, recorded=recorded, record=record, publish=publish,
-            interval_s=adopt_interval_s, min_age_s=adopt_min_age_s,
+            ae, record=record, publish=publish, full_scan_first=True, **adoption
         )
     if not block:
         return server
