@@ -109,11 +109,6 @@ def create_app(
 
         return RedirectResponse(f"/login?next={quote(exc.next_path)}", status_code=303)
 
-    @app.exception_handler(ValueError)
-    async def _value_error(request: Request, exc: ValueError) -> Any:
-        # e.g. a datetime out of range after time-zone conversion: the input's fault, not ours.
-        return JSONResponse({"detail": "invalid value"}, status_code=422)
-
     @app.get("/api/openapi.json", include_in_schema=False)
     def openapi_spec(principal: Principal = Depends(require(*ANY_ROLE))) -> JSONResponse:
         return JSONResponse(app.openapi())

@@ -161,8 +161,12 @@ def result_filter(
     phi = may_see_phi(request, principal)
     if not phi and (accession_number is not None or patient_id is not None):
         raise HTTPException(403, "this role may not filter by patient ID or accession number")
+    try:
+        since_utc, until_utc = views.as_utc(since), views.as_utc(until)
+    except views.InvalidQuery as exc:
+        raise HTTPException(422, f"since/until: {exc}") from None
     return ResultFilter(
-        since=views.as_utc(since), until=views.as_utc(until), min_score=min_score, max_score=max_score,
+        since=since_utc, until=until_utc, min_score=min_score, max_score=max_score,
         flagged=flagged, status=state.value if state else None, model_version=model_version,
         accession_number=accession_number, patient_id=patient_id,
     ), phi

@@ -166,9 +166,19 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
     }
 
 
+class InvalidQuery(ValueError):
+    """A query parameter that parsed but can't be used (e.g. a time outside the representable range in UTC).
+    Raised deliberately here; routes turn it into a 422 naming the parameter."""
+
+
 def as_utc(value: datetime | None) -> datetime | None:
+    """Naive means UTC; aware times are converted. 0001-01-01T00:00+14:00 is a valid ISO time whose UTC instant
+    falls before year 1: Python raises OverflowError for it, which would otherwise surface as a 500."""
     if value is None:
         return None
     if value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:
+        raise InvalidQuery("date/time out of range once converted to UTC") from None

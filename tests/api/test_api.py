@@ -341,3 +341,15 @@ def test_password_guessing_from_one_address_is_throttled(app, users, clock):
             codes.append(c.post("/login", data={"username": name, "password": pw, "csrf_token": csrf},
                                 follow_redirects=False).status_code)
     assert codes == [401, 401, 401, 429]
+
+
+def test_time_outside_the_utc_range_is_422_not_500(client: Any, users: dict[str, str]) -> None:
+    """0001-01-01T00:00+14:00 is valid ISO 8601 but falls before year 1 in UTC (OverflowError in Python)."""
+    rad = auth(users["radiologist"])
+    for params in ({"since": "0001-01-01T00:00:00+14:00"}, {"until": "9999-12-31T23:59:59-14:00"}):
+        for url in ("/api/results", "/api/results/export"):
+            r = client.get(url, params=params, headers=rad)
+            assert r.status_code == 422, (url, params, r.status_code)
+            assert "out of range" in r.json()["detail"]
+    # The extremes themselves, already in UTC, are fine.
+    assert client.get("/api/results", params={"since": "0001-01-01T00:00:00+00:00"}, headers=rad).status_code == 200
