@@ -11,6 +11,7 @@ from typing import Annotated, Optional
 import typer
 
 from cxr_triage.core.logging import configure_logging, get_logger
+from cxr_triage.core.states import StudyState
 from cxr_triage.core.settings import Destination, Settings, SettingsError, load_settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Chest radiograph triage over DICOM.")
@@ -194,43 +195,75 @@ class OutputFormat(str, Enum):
     fhir = "fhir"
 
 
-def _parse_time(value: str | None) -> datetime | None:
+def _parse_time(value: str | None, option: str) -> datetime | None:
+    """ISO 8601 as the API reads it: no zone means UTC; an aware time is converted to UTC."""
+    from cxr_triage.api.views import InvalidQuery, as_utc
+
     if value is None:
         return None
-    parsed = datetime.fromisoformat(value)
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    try:
+        return as_utc(datetime.fromisoformat(value))
+    except (ValueError, InvalidQuery) as exc:
+        raise typer.BadParameter(f"{value!r} is not a usable ISO 8601 date/time ({exc})", param_hint=option) from None
+
+
+def _cli_username() -> str:
+    """Who ran the command, for the audit trail: the OS user, prefixed so it can't pass for a web account."""
+    import getpass
+
+    try:
+        return f"cli:{getpass.getuser()}"[:128]
+    except (KeyError, OSError):  # no passwd entry / no login name (containers): still say it was the CLI
+        return "cli"
 
 
 @app.command()
 def query(
     format: Annotated[OutputFormat, typer.Option("--format", "-f")] = OutputFormat.table,
-    since: Annotated[Optional[str], typer.Option(help="ISO date/time (UTC if no zone).")] = None,
-    until: Annotated[Optional[str], typer.Option(help="ISO date/time, exclusive.")] = None,
+    since: Annotated[Optional[str], typer.Option(help="Received at or after (ISO 8601; UTC if no zone).")] = None,
+    until: Annotated[Optional[str], typer.Option(help="Received before (ISO 8601; UTC if no zone).")] = None,
     min_score: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
     max_score: Annotated[Optional[float], typer.Option(min=0, max=1)] = None,
     flagged: Annotated[Optional[bool], typer.Option("--flagged/--not-flagged")] = None,
-    status: Annotated[Optional[str], typer.Option(help="receiving | analysed | not_analysed | failed")] = None,
+    state: Annotated[Optional[StudyState], typer.Option(
+        "--state", "--status", case_sensitive=False, help="Study state (the API's `state`).")] = None,
     model_version: Annotated[Optional[str], typer.Option()] = None,
-    include_phi: Annotated[bool, typer.Option(help="Show accession number, patient ID and name.")] = False,
-    limit: Annotated[int, typer.Option(min=1, max=100000)] = 100,
+    accession_number: Annotated[Optional[str], typer.Option(help="Exact accession number (PHI: audited).")] = None,
+    patient_id: Annotated[Optional[str], typer.Option(help="Exact patient ID (PHI: audited).")] = None,
+    include_phi: Annotated[bool, typer.Option(help="Show accession number, patient ID and name (audited).")] = False,
+    limit: Annotated[int, typer.Option(
+        min=1, max=100000, help="Rows; 100 like GET /api/results (the API's export defaults to 1000).")] = 100,
     offset: Annotated[int, typer.Option(min=0)] = 0,
 ) -> None:
-    """List study results (the same query and columns as GET /api/results)."""
+    """List study results: the same query, filters, order and columns as GET /api/results.
+
+    Every run is recorded in the audit trail as user cli:<OS user> (PS3.15 A.5 Query; Export for csv/fhir).
+    """
     settings = _settings()
     _require_schema(settings)
-    from cxr_triage.db import repo, results
+    from cxr_triage.db import accounts, repo, results
 
-    try:
-        filters = repo.ResultFilter(
-            since=_parse_time(since), until=_parse_time(until), min_score=min_score, max_score=max_score,
-            flagged=flagged, status=status, model_version=model_version,
-        )
-    except ValueError as exc:
-        typer.echo(f"invalid filter: {exc}", err=True)
-        raise typer.Exit(2) from None
+    filters = repo.ResultFilter(
+        since=_parse_time(since, "--since"), until=_parse_time(until, "--until"), min_score=min_score,
+        max_score=max_score, flagged=flagged, status=state.value if state else None, model_version=model_version,
+        accession_number=accession_number, patient_id=patient_id,
+    )
+    used = {"since": since, "until": until, "min_score": min_score, "max_score": max_score, "flagged": flagged,
+            "state": state, "model_version": model_version, "accession_number": accession_number,
+            "patient_id": patient_id}
     with _session_factory(settings)() as session:
         studies = repo.query_studies(session, filters=filters, limit=limit, offset=offset)
         records = [results.study_record(s, include_phi=include_phi) for s in studies]
+        # Audited before anything is printed: output that was shown must have a record. Filter names only, never
+        # their values (they may be PHI), as the API does.
+        # Like the API: a listing is a Query; a file format (CSV, FHIR) is an Export.
+        exported = format in (OutputFormat.csv, OutputFormat.fhir)
+        accounts.audit(session, event=accounts.EVENT_EXPORT if exported else accounts.EVENT_QUERY,
+                       action="R" if exported else "E", now=datetime.now(timezone.utc),
+                       username=_cli_username(),
+                       detail={"filters": sorted(k for k, v in used.items() if v is not None),
+                               "studies": [s.id for s in studies], "count": len(studies), "phi": include_phi,
+                               "format": format.value, "via": "cli"})
         if format is OutputFormat.json:
             typer.echo(results.records_to_json(records))
         elif format is OutputFormat.csv:
@@ -247,7 +280,7 @@ def _print_table(records: list[dict]) -> None:  # type: ignore[type-arg]
     from rich.console import Console
     from rich.table import Table
 
-    columns = [c for c in ("study", "received_at", "state", "pneumonia_score", "flagged", "n_images",
+    columns = [c for c in ("id", "received_at", "state", "pneumonia_score", "flagged", "n_images",
                            "n_analysed", "not_analysed_reasons", "model_version", "model_note",
                            "accession_number", "patient_id") if not records or c in records[0]]
     table = Table(show_lines=False)
