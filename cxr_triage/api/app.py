@@ -61,7 +61,7 @@ def create_app(
         title="cxr-triage",
         version="0.1.0",
         description="Chest radiograph triage: reading worklist, results query and export, administration. "
-        "Authenticate with `Authorization: Bearer <token>` (tokens from `cxr-triage token create`).",
+        "Authenticate with `Authorization: Bearer <token>` (tokens from `cxr-triage users token USERNAME`).",
         docs_url=None,  # Swagger UI would load from a CDN: no network, and the CSP forbids it
         redoc_url=None,
         openapi_url=None,  # served below, behind authentication

@@ -23,7 +23,7 @@ from cxr_triage.db import accounts, worklist
 from cxr_triage.db.accounts import Principal
 from cxr_triage.db.repo import ResultFilter, query_studies
 from cxr_triage.db.results import records_to_csv, records_to_json, study_record, to_fhir_bundle
-from cxr_triage.db.tables import Instance
+from cxr_triage.db.tables import Instance, StructuredReport, Study
 
 router = APIRouter(prefix="/api")
 
@@ -194,8 +194,12 @@ class Filters:
                            patient_id=patient_id)
 
     def audit_detail(self) -> dict[str, Any]:
-        # Names of the filters used, never their values (they may be PHI).
-        return {"filters": sorted(k for k, v in self.values.items() if v is not None)}
+        return filters_audit_detail(self.values)
+
+
+def filters_audit_detail(values: dict[str, Any]) -> dict[str, Any]:
+    # Names of the filters used, never their values (they may be PHI).
+    return {"filters": sorted(k for k, v in values.items() if v is not None)}
 
 
 @router.get("/results", tags=["results"], responses=ERRORS,
@@ -213,7 +217,9 @@ def get_results(
     studies = query_studies(session, filters=flt, limit=limit, offset=offset)
     items = [study_record(s, include_phi=phi) for s in studies]
     accounts.audit(session, event=accounts.EVENT_QUERY, action="E", now=c.clock(), principal=principal,
-                   source_ip=client_ip(request), detail={**filters.audit_detail(), "returned": len(items)})
+                   source_ip=client_ip(request),
+                   detail={**filters.audit_detail(), "studies": [s.id for s in studies], "count": len(items),
+                           "phi": phi})
     return {"limit": limit, "offset": offset, "count": len(items), "items": items}
 
 
@@ -230,8 +236,16 @@ def export_results(
     principal: Principal = Depends(require(*ANY_ROLE)),
     session: Session = Depends(db_session),
 ) -> Response:
+    return export_response(request, principal, session, format=format, values=filters.values, limit=limit,
+                           offset=offset)
+
+
+def export_response(request: Request, principal: Principal, session: Session, *, format: ExportFormat,
+                    values: dict[str, Any], limit: int, offset: int, via: str = "api") -> Response:
+    """The export, shared by GET /api/results/export and the query page's POST form (which keeps PHI filters
+    out of the URL); audited with every exported study id -- limit caps them at 10000."""
     c = ctx(request)
-    flt, phi = result_filter(request, principal, **filters.values)
+    flt, phi = result_filter(request, principal, **values)
     studies = query_studies(session, filters=flt, limit=limit, offset=offset)
     if format is ExportFormat.fhir:
         body = json.dumps(to_fhir_bundle(studies, include_phi=phi), indent=2)
@@ -245,10 +259,11 @@ def export_results(
     ids = [s.id for s in studies]
     accounts.audit(session, event=accounts.EVENT_EXPORT, action="R", now=c.clock(), principal=principal,
                    source_ip=client_ip(request),
-                   detail={**filters.audit_detail(), "format": format.value, "studies": ids[:1000],
-                           "count": len(ids), "phi": phi})
+                   detail={**filters_audit_detail(values), "format": format.value, "studies": ids,
+                           "count": len(ids), "phi": phi, "via": via})
     name = f"cxr-results.{'fhir.' if format is ExportFormat.fhir else ''}{ext}"
-    return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return Response(body, media_type=media, headers={"Content-Disposition": f'attachment; filename="{name}"',
+                                                     "Cache-Control": "no-store"})
 
 
 # ------------------------------------------------------------------------------------------------ admin
@@ -305,18 +320,24 @@ def _actions(request: Request) -> Any:
 
 
 @router.post("/admin/studies/{study_id}/requeue", tags=["admin"],
-             responses={**ERRORS, 404: {"model": Detail}, 503: {"model": Detail}},
+             responses={**ERRORS, 404: {"model": Detail}, 409: {"model": Detail}, 503: {"model": Detail}},
              summary="Re-queue a study's images for analysis (quarantined ones are reset first)")
 def requeue_study(request: Request, study_id: DbId, principal: Principal = Depends(require(*ADMIN)),
                   session: Session = Depends(db_session)) -> dict[str, Any]:
     c = ctx(request)
+    # 404 before 503: a wrong id is the caller's mistake whatever this process can do.
+    if session.get(Study, study_id) is None:
+        raise HTTPException(404, "no such study")
     actions = _actions(request)
     ids = worklist.prepare_requeue(session, study_id=study_id)
     if ids is None:
         raise HTTPException(404, "no such study")
-    if ids:
-        actions.requeue_instances(ids)
-    accounts.audit(session, event=accounts.EVENT_APPLICATION_ACTIVITY, action="U", now=c.clock(),
+    if not ids:
+        # Out-of-scope or already analysed images: re-queuing would do nothing, so don't say it did.
+        raise HTTPException(409, "nothing to re-queue: every image of this study is analysed or out of scope")
+    actions.requeue_instances(ids)
+    # PS3.15 A.5.3.3 DICOM Instances Accessed, U: the admin changed these instances' processing state.
+    accounts.audit(session, event=accounts.EVENT_INSTANCES_ACCESSED, action="U", now=c.clock(),
                    principal=principal, study_id=study_id, source_ip=client_ip(request),
                    detail={"action": "requeue", "instances": ids})
     return {"study_id": study_id, "instance_ids": ids}
@@ -328,16 +349,17 @@ def requeue_study(request: Request, study_id: DbId, principal: Principal = Depen
 def resend_report(request: Request, report_id: DbId, principal: Principal = Depends(require(*ADMIN)),
                   session: Session = Depends(db_session)) -> dict[str, Any]:
     c = ctx(request)
-    actions = _actions(request)
-    from cxr_triage.db.tables import StructuredReport
-
     report = session.get(StructuredReport, report_id)
-    study_id = report.study_pk if report is not None else None
+    if report is None:
+        raise HTTPException(404, "no such report")
+    study_id = report.study_pk
+    actions = _actions(request)  # checked before the outbox is reset: a 503 must leave no half-done change
     ids = worklist.reset_outbox_for_resend(session, report_id=report_id, now=c.clock())
     if ids is None:
         raise HTTPException(404, "no such report")
     actions.resend_report(report_id)
-    accounts.audit(session, event=accounts.EVENT_APPLICATION_ACTIVITY, action="U", now=c.clock(),
+    # PS3.15 A.5.3.2 Begin Transferring DICOM Instances, E: the SR is sent (again) to its destinations.
+    accounts.audit(session, event=accounts.EVENT_BEGIN_TRANSFER, action="E", now=c.clock(),
                    principal=principal, study_id=study_id, source_ip=client_ip(request),
                    detail={"action": "resend", "report": report_id, "outbox": ids})
     return {"report_id": report_id, "outbox_ids": ids}

@@ -62,13 +62,14 @@ async def login(
             if by_user >= limits.login_max_failures or by_ip >= limits.login_max_failures_per_ip:
                 accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=now,
                                username=username, outcome=8, source_ip=source_ip,
-                               detail={"method": "password", "throttled": True})
+                               detail={"event_type": list(accounts.TYPE_LOGIN), "method": "password",
+                                       "throttled": True})
                 return False
             principal = accounts.authenticate_password(session, username=username, password=password, now=now)
             session.commit()
             accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=now,
                            principal=principal, username=username, outcome=0 if principal else 4,
-                           source_ip=source_ip, detail={"method": "password"})
+                           source_ip=source_ip, detail={"event_type": list(accounts.TYPE_LOGIN), "method": "password"})
             return principal
 
     principal = await run_in_threadpool(attempt)
@@ -88,7 +89,20 @@ async def login(
 @router.post("/logout")
 async def logout(request: Request) -> Response:
     await check_csrf(request)
+    c = ctx(request)
+    uid = request.session.get("uid")
     request.session.clear()
+
+    def record() -> None:
+        with c.session_factory() as session:
+            principal = accounts.load_principal(session, user_id=uid) if isinstance(uid, int) else None
+            if principal is None:  # nobody was signed in (or the account is gone): nothing to log out
+                return
+            accounts.audit(session, event=accounts.EVENT_USER_AUTHENTICATION, action="E", now=c.clock(),
+                           principal=principal, source_ip=client_ip(request),
+                           detail={"event_type": list(accounts.TYPE_LOGOUT), "method": "session"})
+
+    await run_in_threadpool(record)
     return RedirectResponse("/login", status_code=303)
 
 

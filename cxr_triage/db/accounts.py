@@ -21,12 +21,16 @@ _HASHER = PasswordHasher()
 # Verified against when the user does not exist, so a login takes the same time either way.
 _DUMMY_HASH = _HASHER.hash("not-a-real-password")
 
-# DICOM PS3.15 A.5 audit event types (DCM codes).
-EVENT_INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")
-EVENT_EXPORT = ("110106", "Export")
-EVENT_QUERY = ("110112", "Query")
-EVENT_USER_AUTHENTICATION = ("110114", "User Authentication")
-EVENT_APPLICATION_ACTIVITY = ("110100", "Application Activity")  # admin actions (re-queue, re-send)
+# DICOM PS3.15 A.5 audit event IDs (DCM codes) and, in comments, the EventActionCode each message uses here.
+EVENT_INSTANCES_ACCESSED = ("110103", "DICOM Instances Accessed")  # R: viewed; U: admin re-queue
+EVENT_BEGIN_TRANSFER = ("110102", "Begin Transferring DICOM Instances")  # E: admin re-send of an SR
+EVENT_EXPORT = ("110106", "Export")  # R
+EVENT_QUERY = ("110112", "Query")  # E
+EVENT_USER_AUTHENTICATION = ("110114", "User Authentication")  # E, with an EventTypeCode below
+EVENT_APPLICATION_ACTIVITY = ("110100", "Application Activity")  # E: application start/stop only (A.5.3.1)
+# EventTypeCodes of User Authentication (A.5.3.12), stored in the event's detail as "event_type".
+TYPE_LOGIN = ("110122", "Login")
+TYPE_LOGOUT = ("110123", "Logout")
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from cxr_triage.core.states import InstanceState, OutboxState, StudyState
+from cxr_triage.core.states import TERMINAL_INSTANCE_STATES, InstanceState, OutboxState, StudyState
 from cxr_triage.db.repo import refresh_study
 from cxr_triage.db.results import not_analysed_reasons
 from cxr_triage.db.tables import Analysis, Instance, OutboxItem, StructuredReport, Study
@@ -157,9 +157,11 @@ def recent_reports(session: Session, *, limit: int = 50) -> list[StructuredRepor
 def prepare_requeue(session: Session, *, study_id: int) -> list[int] | None:
     """The instances of a study to hand to `AdminActions.requeue_instances`; commits.
 
-    Every instance except duplicates and UID conflicts. FAILED (quarantined) ones are reset to RECEIVED with
-    their attempt count cleared so a worker will claim them again; out-of-scope (NOT_ANALYSED) ones keep their
-    state -- re-queuing them is harmless (the claim refuses terminal instances). None if no such study.
+    FAILED (quarantined) instances are reset to RECEIVED with their attempt count cleared so a worker will claim
+    them again; instances still in flight (received, queued, analysing) are included so a lost task is
+    republished. Terminal ones (analysed, out of scope, duplicates) and UID conflicts are left out: the claim
+    refuses them, so listing them would report work that never happens. None if no such study; [] if nothing
+    of it can be re-queued.
     """
     study = session.get(Study, study_id)
     if study is None:
@@ -167,7 +169,7 @@ def prepare_requeue(session: Session, *, study_id: int) -> list[int] | None:
         return None
     ids: list[int] = []
     for inst in session.scalars(select(Instance).where(Instance.study_pk == study_id).order_by(Instance.id)):
-        if inst.state == InstanceState.DUPLICATE or inst.conflicts_with is not None:
+        if inst.conflicts_with is not None:
             continue
         if inst.state == InstanceState.FAILED:
             inst.state = InstanceState.RECEIVED
@@ -175,8 +177,11 @@ def prepare_requeue(session: Session, *, study_id: int) -> list[int] | None:
             inst.attempts = 0
             inst.started_at = None
             inst.stored_at = None
+        if inst.state in TERMINAL_INSTANCE_STATES:
+            continue
         ids.append(inst.id)
-    refresh_study(session, study=study)
+    if ids:
+        refresh_study(session, study=study)
     session.commit()
     return ids
 

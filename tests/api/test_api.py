@@ -236,13 +236,65 @@ def test_admin_status_and_actions(client, users, session_factory, clock, actions
     assert st["oldest_unsent_sr"] is None  # failed, not pending
     r = client.post(f"/api/admin/studies/{failed_id}/requeue", headers=adm)
     assert r.status_code == 200 and actions.requeued == [[failed_inst]]
+    assert r.json() == {"study_id": failed_id, "instance_ids": [failed_inst]}
     r = client.post(f"/api/admin/reports/{rep_id}/resend", headers=adm)
     assert r.status_code == 200 and actions.resent == [rep_id]
     st = client.get("/api/admin/status", headers=adm).json()
     assert st["oldest_unsent_sr"]["age_s"] == pytest.approx(60)
     assert st["queue"]["received"] == 1  # the quarantined image was reset for another try
     assert client.post("/api/admin/reports/5555/resend", headers=adm).status_code == 404
+    assert client.post("/api/admin/studies/5555/requeue", headers=adm).status_code == 404
     assert client.get("/admin", headers=adm).status_code == 200
+
+    from cxr_triage.db.tables_auth import AuditEvent
+    from sqlalchemy import select
+
+    with session_factory() as s:
+        rows = s.scalars(select(AuditEvent).where(AuditEvent.detail["action"].as_string().in_(["requeue", "resend"]))
+                         .order_by(AuditEvent.id)).all()
+        got = [(e.event_code, e.event_name, e.action, e.username, e.study_pk, e.detail) for e in rows]
+    assert got == [
+        ("110103", "DICOM Instances Accessed", "U", "admin1", failed_id,
+         {"action": "requeue", "instances": [failed_inst]}),
+        ("110102", "Begin Transferring DICOM Instances", "E", "admin1", ok.id,
+         {"action": "resend", "report": rep_id, "outbox": [rep.outbox[0].id]}),
+    ]
+
+
+def test_requeue_of_out_of_scope_study_says_nothing_to_do(client, users, session_factory, clock, actions):
+    """Out-of-scope images would be refused by the worker's claim: no button, and the API says so (409)."""
+    with session_factory() as s:
+        na = add_study(s, received_at=clock.now, state="not_analysed", reasons=["not-chest"]).id
+        failed = add_study(s, received_at=clock.now, state="failed", reasons=["decode-failed"]).id
+    adm = auth(users["admin"])
+    r = client.post(f"/api/admin/studies/{na}/requeue", headers=adm)
+    assert r.status_code == 409 and "nothing to re-queue" in r.json()["detail"]
+    assert actions.requeued == []
+    page = client.get("/admin", headers=adm).text
+    assert f'data-url="/api/admin/studies/{failed}/requeue"' in page
+    assert f'data-url="/api/admin/studies/{na}/requeue"' not in page
+
+
+def test_admin_actions_unconfigured_answer_404_before_503(settings, session_factory, clock, users):
+    from fastapi.testclient import TestClient
+
+    from cxr_triage.api.app import create_app
+    from tests.api.conftest import _api_settings
+
+    app = create_app(settings, session_factory=session_factory, actions=None, clock=clock,
+                     api_settings=_api_settings())
+    with session_factory() as s:
+        failed = add_study(s, received_at=clock.now, state="failed", reasons=["decode-failed"]).id
+    adm = auth(users["admin"])
+    with TestClient(app) as c:
+        assert c.post("/api/admin/reports/5555/resend", headers=adm).status_code == 404
+        assert c.post("/api/admin/studies/5555/requeue", headers=adm).status_code == 404
+        r = c.post(f"/api/admin/studies/{failed}/requeue", headers=adm)
+        assert r.status_code == 503
+    with session_factory() as s:  # the 503 changed nothing: the study is still quarantined
+        from cxr_triage.db.tables import Study
+
+        assert s.get(Study, failed).state == "failed"
 
 
 def test_login_session_csrf_and_pages(client, users, session_factory, clock):

@@ -10,7 +10,12 @@ function postJSON(url, body) {
     headers: {"Content-Type": "application/json", "X-CSRF-Token": csrfToken()},
     body: JSON.stringify(body || {})
   }).then(function (r) {
-    if (!r.ok) { throw new Error("HTTP " + r.status); }
+    if (!r.ok) {
+      // Show the server's reason (e.g. "nothing to re-queue ...") rather than a bare status code.
+      return r.json().catch(function () { return {}; }).then(function (b) {
+        throw new Error(typeof b.detail === "string" ? b.detail : "HTTP " + r.status);
+      });
+    }
     return r.json();
   });
 }
