@@ -18,7 +18,7 @@ from starlette.middleware.sessions import SessionMiddleware
 from cxr_triage.api.actions import AdminActions
 from cxr_triage.api.auth import ANY_ROLE, LoginRequired, require
 from cxr_triage.db.accounts import Principal
-from cxr_triage.api.config import ApiSettings
+from cxr_triage.api.config import ApiSettings, load_api_settings
 from cxr_triage.api.metrics import make_registry
 from cxr_triage.core.settings import Settings
 
@@ -56,7 +56,7 @@ def create_app(
     """Build the app. Everything it needs is passed in; nothing is read from module globals."""
     from cxr_triage.api import routes_api, routes_ops, routes_pages
 
-    api_settings = api_settings or ApiSettings()
+    api_settings = api_settings or load_api_settings()
     app = FastAPI(
         title="cxr-triage",
         version="0.1.0",

@@ -10,7 +10,10 @@ CXR_MAX_WAIT_NOT_ANALYSED      60         ... studies without an automated resul
 CXR_MAX_WAIT_ROUTINE           240        ... routine / medium / unknown urgency
 CXR_MAX_WAIT_LOW               480        ... LOW urgency
 CXR_SESSION_SECRET             (random)   key signing session cookies; random per process if unset (sessions
-                                          then end at restart, and several API processes cannot share them)
+                                          then end at restart, and several API processes cannot share them).
+                                          At least 16 characters; example placeholders ("change-me...") are
+                                          refused at start. Generate one with
+                                          python -c 'import secrets; print(secrets.token_urlsafe(32))'
 CXR_SESSION_MAX_AGE_S          28800      session cookie lifetime
 CXR_COOKIE_SECURE              false      mark the session cookie Secure (set true behind HTTPS)
 CXR_SERVICE_SEES_PHI           false      whether role "service" may see/filter by patient ID / accession
@@ -23,12 +26,22 @@ CXR_BROKER_QUEUES              analyze,deliver comma-separated Redis list names 
 
 from __future__ import annotations
 
+import re
 import secrets
 
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_triage.api.priority import PriorityPolicy
+from cxr_triage.core.settings import SettingsError
+
+# Values people copy from examples and docs. Anyone who has read the example file knows them, so a cookie signed
+# with one can be forged: refuse them rather than run "secured" by a published key.
+_PLACEHOLDER_SECRET = re.compile(
+    r"change[-_ .]?(me|this|it)|replace[-_ .]?(me|this)|your[-_ .]?secret|placeholder|example|not[-_ .]?secret"
+    r"|^(secret|password|x+|0+|1234567890123456+)$",
+    re.IGNORECASE,
+)
 
 
 class ApiSettings(BaseSettings):
@@ -54,6 +67,16 @@ class ApiSettings(BaseSettings):
     login_failure_window_s: float = Field(900, gt=0)
     broker_queues: str = "analyze,deliver"
 
+    @field_validator("session_secret")
+    @classmethod
+    def _refuse_placeholder(cls, value: str) -> str:
+        if _PLACEHOLDER_SECRET.search(value.strip()):
+            raise ValueError(
+                "looks like the example placeholder; set a long random value, e.g. the output of "
+                "python -c 'import secrets; print(secrets.token_urlsafe(32))' (or unset it for a per-process key)"
+            )
+        return value
+
     @property
     def policy(self) -> PriorityPolicy:
         return PriorityPolicy(
@@ -64,3 +87,16 @@ class ApiSettings(BaseSettings):
             max_wait_routine=self.max_wait_routine,
             max_wait_low=self.max_wait_low,
         )
+
+
+def load_api_settings(**overrides: object) -> ApiSettings:
+    """Read and validate the API settings; a bad value stops the process with one line naming the variable
+    (never a pydantic traceback, and never the value itself: it may be a real secret with a typo)."""
+    try:
+        return ApiSettings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        lines = ["invalid configuration:"]
+        for err in exc.errors():
+            name = "CXR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
+            lines.append(f"  {name}: {err['msg']}")
+        raise SettingsError("\n".join(lines)) from None
