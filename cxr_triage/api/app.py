@@ -98,7 +98,9 @@ def create_app(
             "default-src 'self'; img-src 'self' data: blob:; style-src 'self'; script-src 'self'; "
             "connect-src 'self'; frame-ancestors 'none'",
         )
-        if request.url.path.startswith("/api/") or request.url.path.startswith("/studies"):
+        if not request.url.path.startswith("/static/"):
+            # Pages (the worklist lists patient names), API answers, images and exports carry PHI: nothing but
+            # the static assets may be kept by a browser or proxy cache.
             response.headers.setdefault("Cache-Control", "no-store")
         counter.labels(request.method, str(response.status_code)).inc()
         return response

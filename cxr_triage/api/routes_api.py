@@ -124,7 +124,8 @@ def get_image(request: Request, instance_id: DbId, principal: Principal = Depend
                             spool_name=spool_name, max_bytes=c.settings.max_image_bytes)
     except RenderError as exc:
         return JSONResponse({"detail": str(exc)}, status_code=422)
-    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+    # A radiograph is PHI: no browser or proxy cache keeps it (the server's render cache makes re-fetching cheap).
+    return FileResponse(path, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 class ReadMark(BaseModel):

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Path, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from pydantic import BaseModel, Field, model_validator
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from cxr_triage.api import views
 from cxr_triage.api.auth import ADMIN, CLINICAL, check_csrf, client_ip, csrf_token, ctx, db_session, require
+from cxr_triage.api.routes_api import NO_NUL, ExportFormat, export_response
+from cxr_triage.core.states import StudyState
 from cxr_triage.db import accounts, worklist
 from cxr_triage.db.accounts import Principal
 
@@ -153,3 +156,37 @@ def admin_page(request: Request, principal: Principal = Depends(require(*ADMIN, 
 @router.get("/query", response_class=HTMLResponse)
 def query_page(request: Request, principal: Principal = Depends(require(*CLINICAL, page=True))) -> Response:
     return _render(request, "query.html", principal)
+
+
+class ExportForm(BaseModel):
+    """The query page's form: the same filters and limits as GET /api/results/export, sent as a POST body so
+    that patient IDs and accession numbers never land in URLs (history, proxy and server logs, Referer)."""
+
+    format: ExportFormat = ExportFormat.csv
+    since: datetime | None = None
+    until: datetime | None = None
+    min_score: float | None = Field(None, ge=0, le=1)
+    max_score: float | None = Field(None, ge=0, le=1)
+    flagged: bool | None = None
+    state: StudyState | None = None
+    model_version: str | None = Field(None, max_length=128, pattern=NO_NUL)
+    accession_number: str | None = Field(None, max_length=64, pattern=NO_NUL)
+    patient_id: str | None = Field(None, max_length=64, pattern=NO_NUL)
+    limit: int = Field(1000, ge=1, le=10000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _blank_is_absent(cls, data: Any) -> Any:
+        # An empty form field means "no filter" (the page's script drops them; without script they arrive "").
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v != ""}
+        return data
+
+
+@router.post("/query/export")
+def query_export(request: Request, form: Annotated[ExportForm, Form()],
+                 principal: Principal = Depends(require(*CLINICAL)),
+                 session: Session = Depends(db_session)) -> Response:
+    values = form.model_dump(exclude={"format", "limit"})
+    return export_response(request, principal, session, format=form.format, values=values, limit=form.limit,
+                           offset=0, via="page")

@@ -25,6 +25,7 @@ ROLES = {
     ("GET", "/studies/{study_id}"): CLINICAL,
     ("GET", "/admin"): {"admin"},
     ("GET", "/query"): CLINICAL,
+    ("POST", "/query/export"): CLINICAL,
     ("POST", "/logout"): None,  # CSRF-protected, harmless
     ("GET", "/metrics"): {"service", "admin"},
     ("GET", "/api/worklist"): CLINICAL,
