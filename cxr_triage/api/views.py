@@ -19,6 +19,21 @@ def _iso(v: datetime | None) -> str | None:
     return v.isoformat() if v is not None else None
 
 
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    if start is None or end is None:
+        return None
+    return round((end - start).total_seconds(), 3)
+
+
+# Consecutive pipeline stages of one image, as (name, from, to): the page shows how long each step took.
+STAGES = (
+    ("received_to_queued", "received_at", "queued_at"),
+    ("queued_to_started", "queued_at", "started_at"),
+    ("started_to_inferred", "started_at", "inferred_at"),
+    ("inferred_to_stored", "inferred_at", "stored_at"),
+)
+
+
 def worklist_rows(session: Session, *, now: datetime, policy: PriorityPolicy) -> list[dict[str, Any]]:
     studies = {s.id: s for s in worklist.unread_studies(session)}
     items = [
@@ -111,6 +126,11 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
     instances = []
     for inst in study.instances:
         a = analyses.get(inst.id)
+        stamps = {"received_at": inst.received_at, "queued_at": inst.queued_at, "started_at": inst.started_at,
+                  "inferred_at": inst.inferred_at, "stored_at": inst.stored_at}
+        durations = {name: _seconds(stamps[frm], stamps[to]) for name, frm, to in STAGES}
+        # A not-analysed image is stored without inference: its total is still received -> stored.
+        durations["received_to_stored"] = _seconds(inst.received_at, inst.stored_at)
         instances.append({
             "id": inst.id,
             "state": inst.state,
@@ -128,6 +148,7 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
                 "inferred_at": _iso(inst.inferred_at),
                 "stored_at": _iso(inst.stored_at),
             },
+            "durations_s": durations,
             "analysis": None if a is None else {
                 "id": a.id,
                 "model_version": a.model_version,
@@ -141,6 +162,7 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
                 "boxes": [{"x0": b.x0, "y0": b.y0, "x1": b.x1, "y1": b.y1, "score": b.score} for b in a.boxes],
             },
         })
+    last_stored = max((i.stored_at for i in study.instances if i.stored_at is not None), default=None)
     reports = []
     for rep in worklist.study_reports(session, study_id=study.id):
         reports.append({
@@ -148,19 +170,29 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
             "revision": rep.revision,
             "model_version": rep.model_version,
             "created_at": _iso(rep.created_at),
+            # Study stable -> SR built: how long after the last image's result the SR was made.
+            "built_after_stored_s": _seconds(last_stored, rep.created_at),
             "deliveries": [
                 {"id": o.id, "destination": o.destination, "state": o.state, "attempts": o.attempts,
                  "last_status": o.last_status, "last_error": o.last_error, "created_at": _iso(o.created_at),
-                 "sent_at": _iso(o.sent_at)}
+                 "sent_at": _iso(o.sent_at),
+                 # sent_at is set when the peer acknowledged the C-STORE (0x0000 or a warning).
+                 "acknowledged_after_built_s": _seconds(rep.created_at, o.sent_at)}
                 for o in sorted(rep.outbox, key=lambda o: o.id)
             ],
         })
+    # One line per destination: the newest SR revision's delivery there (what the PACS has now).
+    by_destination: dict[str, dict[str, Any]] = {}
+    for rep in reports:
+        for o in rep["deliveries"]:
+            by_destination[o["destination"]] = {**o, "report_id": rep["id"], "revision": rep["revision"]}
     cards = model_cards_for(models_dir, study.model_version)
     return {
         "study": record,
         "conclusion": conclusion_text(study),
         "instances": instances,
         "reports": reports,
+        "sr_delivery": [by_destination[k] for k in sorted(by_destination)],
         "model_card": cards[0] if cards else None,
         "model_cards": cards,
     }
