@@ -18,8 +18,10 @@ low            urgency LOW                                        CXR_MAX_WAIT_L
 A study belonging to several classes (a flagged routine study) takes the *shortest* maximum wait among them.
 Tiers, best first:
 
-0. ``overdue``     waited longer than its maximum wait -- no study waits unbounded. Most overdue (minutes past the
-                   cap) first.
+0. ``overdue``     waited longer than its maximum wait -- no study waits unbounded. Overdue STAT studies first
+                   (the requester said minutes matter), then the others by how far past their cap they are as a
+                   fraction of it: 15 min past a 30 min cap (50 %) before 60 min past a 240 min cap (25 %).
+                   Absolute minutes would let a routine study's long cap outweigh a short, urgent one.
 1. ``stat``        STAT urgency. Longest wait first.
 2. ``flagged``     suspected pneumonia. Highest score first, then longest wait.
 3. ``high``        HIGH urgency. Longest wait first.
@@ -174,7 +176,7 @@ def rank_one(item: WorklistItem, *, now: datetime, policy: PriorityPolicy) -> Ra
 
     score_key = -(score if score is not None else -1.0)
     if overdue:
-        tier, key = Tier.OVERDUE, (-(waited - cap), -waited)
+        tier, key = Tier.OVERDUE, (0.0 if urgency == "STAT" else 1.0, -(waited - cap) / cap, -waited)
     elif urgency == "STAT":
         tier, key = Tier.STAT, (-waited, 0.0)
     elif item.flagged and _has_result(item):

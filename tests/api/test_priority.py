@@ -63,10 +63,35 @@ def test_ageing_promotes_and_no_study_waits_unbounded():
     assert r[0].overdue and "waited 20 min > 10 min cap for routine" == r[0].reasons[0]
 
 
-def test_most_overdue_first_and_stable():
-    a = item(1, 300, pneumonia_score=0.1, flagged=False)  # 60 min past routine cap
-    b = item(2, 40, urgency="STAT")  # 25 min past STAT cap
+def test_overdue_stat_first_then_by_fraction_of_cap_and_stable():
+    a = item(1, 300, pneumonia_score=0.1, flagged=False)  # 60 min past the 240 min routine cap: 25 %
+    b = item(2, 40, urgency="STAT")  # 25 min past the 15 min STAT cap
     c = item(3, 300, pneumonia_score=0.1, flagged=False)
     r = rank([b, c, a], now=NOW, policy=POLICY)
-    assert ids(r) == [1, 3, 2]
+    assert ids(r) == [2, 1, 3]
+    assert all(x.tier is Tier.OVERDUE for x in r)
     assert ids(rank([a, b, c], now=NOW, policy=POLICY)) == ids(r)
+
+
+def test_overdue_order_follows_the_clock():
+    """Worked example from the audit, on a controllable clock: a STAT study one minute past its 15 min cap is read
+    before a routine one an hour past its 240 min cap; a flagged study 15 min past its 30 min cap (50 %) comes
+    before that routine one (25 %) although it is fewer minutes late."""
+    t0 = NOW - timedelta(hours=6)
+    routine = WorklistItem(study_id=1, received_at=t0, pneumonia_score=0.1, flagged=False)
+    flagged = WorklistItem(study_id=2, received_at=t0 + timedelta(minutes=255), pneumonia_score=0.8, flagged=True)
+    stat = WorklistItem(study_id=3, received_at=t0 + timedelta(minutes=284), urgency="STAT")
+    items = [routine, flagged, stat]
+
+    now = t0 + timedelta(minutes=299)  # routine 59 min over, flagged 14 over, STAT 0 over (not yet overdue)
+    r = rank(items, now=now, policy=POLICY)
+    assert [(x.study_id, x.overdue) for x in r] == [(2, True), (1, True), (3, False)]
+
+    now = t0 + timedelta(minutes=300)  # routine 60 over (25 %), flagged 15 over (50 %), STAT 1 over
+    r = rank(items, now=now, policy=POLICY)
+    assert ids(r) == [3, 2, 1] and all(x.overdue for x in r)
+    assert r[0].reasons[0] == "waited 16 min > 15 min cap for stat"
+
+    # A second overdue STAT study: among STAT ones, the further past the cap goes first.
+    stat_older = WorklistItem(study_id=4, received_at=t0 + timedelta(minutes=270), urgency="STAT")
+    assert ids(rank([*items, stat_older], now=now, policy=POLICY)) == [4, 3, 2, 1]
