@@ -1,9 +1,11 @@
 """End-to-end in headless Chromium (Selenium): log in, worklist order, study viewer overlays, mark read, live
-update via server-sent events. Screenshots go to test-artifacts/ and docs/screenshots/."""
+update via server-sent events. Screenshots always go to test-artifacts/ (untracked); the tracked copies in
+docs/screenshots/ are refreshed only with CXR_UPDATE_SCREENSHOTS=1, so a test run leaves the tree clean."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import socket
 import threading
@@ -16,6 +18,7 @@ import pytest
 from cxr_triage.core.settings import Settings
 from cxr_triage.db import accounts, migrate
 from cxr_triage.db.session import make_engine, make_session_factory
+from cxr_triage.db.tables import Study
 from tests.api.conftest import Clock, FakeActions, _api_settings, add_study
 
 REPO = Path(__file__).resolve().parents[2]
@@ -65,6 +68,22 @@ def server(tmp_path):
             rows=1024, columns=1024, patient_id="P200", accession="A200",
             boxes=[(560, 380, 820, 700, 0.83), (180, 420, 380, 640, 0.41)],
             heatmap=[[0.0, 0.1, 0.1, 0.0], [0.1, 0.3, 0.8, 0.2], [0.1, 0.4, 0.9, 0.3], [0.0, 0.1, 0.2, 0.1]]).id
+        # The flagged study's SR: delivered to the PACS, still failing at a second destination.
+        from cxr_triage.db.tables import OutboxItem, StructuredReport
+
+        flagged_study = s.get(Study, ids["flagged"])
+        built = now - timedelta(minutes=8) + timedelta(seconds=16)
+        report = StructuredReport(study_pk=ids["flagged"], model_version="cxr-demo@1", revision=1,
+                                  sop_instance_uid="2.25.101", series_instance_uid="2.25.102",
+                                  instance_pks=[flagged_study.instances[0].id], file_name="sr.dcm", created_at=built)
+        report.outbox = [
+            OutboxItem(destination="PACS@pacs.internal:104", state="sent", attempts=1, next_attempt_at=built,
+                       created_at=built, sent_at=built + timedelta(milliseconds=40), last_status=0),
+            OutboxItem(destination="ARCHIVE@archive.internal:11112", state="pending", attempts=2,
+                       next_attempt_at=now, created_at=built, last_error="association rejected"),
+        ]
+        s.add(report)
+        s.commit()
         ids["stat"] = add_study(s, received_at=now - timedelta(minutes=2), urgency="STAT", score=0.30,
                                 flagged=False, patient_id="P300", accession="A300").id
         ids["na"] = add_study(s, received_at=now - timedelta(minutes=20), state="not_analysed",
@@ -127,6 +146,24 @@ def _shot(driver, name: str) -> Path:
     return path
 
 
+def _full_page_shot(driver, name: str) -> Path:
+    """Screenshot of the whole page (the study page's timings and SR delivery sit below the fold): grow the window
+    to the document height, let the overlay redraw for the new size, capture, then restore the window."""
+    size = driver.get_window_size()
+    chrome = size["height"] - driver.execute_script("return window.innerHeight")
+    for _ in range(3):  # the image grows with the viewport, which can grow the page again
+        height = driver.execute_script("return document.documentElement.scrollHeight")
+        if height <= driver.execute_script("return window.innerHeight"):
+            break
+        driver.set_window_size(size["width"], height + chrome)
+        _wait(lambda: driver.execute_script(
+            "var i=document.getElementById('image'), c=document.getElementById('overlay');"
+            "return !i || !c || (c.width === i.clientWidth && c.height === i.clientHeight);"), what="overlay redrawn")
+    path = _shot(driver, name)
+    driver.set_window_size(size["width"], size["height"])
+    return path
+
+
 def _row_ids(driver):
     # One script call: the live update may replace the rows between two WebDriver calls.
     return [int(x) for x in driver.execute_script(
@@ -171,7 +208,14 @@ def test_radiologist_flow(server, driver):
         "var c=document.getElementById('overlay');var d=c.getContext('2d').getImageData(0,0,c.width,c.height).data;"
         "var n=0;for(var i=3;i<d.length;i+=4){if(d[i]>0)n++;}return n;")
     assert painted > 1000
-    study_shot = _shot(driver, "study.png")
+    study_shot = _full_page_shot(driver, "study.png")
+    timings = driver.find_element(By.ID, "timings").text
+    assert "1.0 s" in timings and "4.0 s" in timings  # per-stage durations of the seeded image
+    sent = driver.find_element(By.CSS_SELECTOR, '#deliveries tr[data-destination="PACS@pacs.internal:104"]').text
+    assert "sent (0x0000)" in sent and "+40 ms" in sent
+    pending = driver.find_element(By.CSS_SELECTOR,
+                                  '#deliveries tr[data-destination="ARCHIVE@archive.internal:11112"]').text
+    assert "pending" in pending and "association rejected" in pending
     driver.find_element(By.ID, "toggle-boxes").click()
     _wait(lambda: canvas.get_attribute("data-boxes-drawn") == "0", what="boxes hidden")
     driver.find_element(By.ID, "toggle-boxes").click()
@@ -192,7 +236,8 @@ def test_radiologist_flow(server, driver):
     assert _row_ids(driver).index(new_id) == 2  # below overdue and STAT, top of the flagged tier
     _shot(driver, "worklist-live.png")
 
-    docs = REPO / "docs" / "screenshots"
-    docs.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(shot, docs / "worklist.png")
-    shutil.copyfile(study_shot, docs / "study.png")
+    if os.environ.get("CXR_UPDATE_SCREENSHOTS") == "1":  # deliberately refreshing the README's pictures
+        docs = REPO / "docs" / "screenshots"
+        docs.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, docs / "worklist.png")
+        shutil.copyfile(study_shot, docs / "study.png")
