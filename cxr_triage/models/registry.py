@@ -51,6 +51,7 @@ __all__ = [
     "card_path",
     "import_weights",
     "thresholds_from_checkpoint",
+    "adopt_detector_checkpoint_config",
     "fetch_weights",
     "verify_weights",
     "verify_onnx",
@@ -434,8 +435,10 @@ def import_weights(
     )
     if format == "onnx":
         card = replace(card, onnx=OnnxInfo(file=rel, sha256=digest, output_names=tuple(fields.get("output_names", ()))))
-    explicit = set((card_overrides or {}).get("operating_thresholds") or {})
-    return _finish_card(card, models_dir, export=export, explicit_thresholds=explicit)
+    overrides = card_overrides or {}
+    explicit = set(overrides.get("operating_thresholds") or {})
+    keep = set(overrides.get("architecture_params") or {}) | ({"input"} if "input" in overrides else set())
+    return _finish_card(card, models_dir, export=export, explicit_thresholds=explicit, keep=keep)
 
 
 def thresholds_from_checkpoint(card: ModelCard, module: Any, *, keep: Collection[str] = ()) -> ModelCard:
@@ -457,10 +460,55 @@ def thresholds_from_checkpoint(card: ModelCard, module: Any, *, keep: Collection
     return replace(card, operating_thresholds={**card.operating_thresholds, **found})
 
 
-def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_thresholds: Collection[str] = ()) -> ModelCard:
+DETECTOR_BUILD_KEYS = ("backbone", "image_size", "in_channels", "num_global_classes", "small_anchors")
+
+
+def adopt_detector_checkpoint_config(card: ModelCard, saved: dict[str, Any], *,
+                                     keep: Collection[str] = ()) -> ModelCard:
+    """Describe a detector checkpoint by what it says about itself (see
+    :func:`cxr_triage.models.detector.read_checkpoint_config`): its build config replaces the architecture
+    defaults (512 px, small anchors) in ``architecture_params`` and its input size/channels the card's input
+    spec, so a model trained with ``--image-size 384`` or ``--default-anchors`` imports as such.
+
+    ``keep``: ``architecture_params`` keys (or ``"input"``) the caller set explicitly; they stay, and a
+    contradiction with the checkpoint is then reported when the weights load. A checkpoint whose backbone is
+    not the card's architecture is refused here, naming the architecture to import it with."""
+    config = {k: v for k, v in (saved.get("config") or {}).items() if k in DETECTOR_BUILD_KEYS}
+    backbone = config.get("backbone")
+    if backbone is not None and "backbone" not in keep and card.architecture != f"retinanet-{backbone}":
+        raise ValueError(
+            f"the checkpoint was trained with backbone {backbone!r}, not {card.architecture!r}; import it with "
+            f"--architecture retinanet-{backbone}"
+        )
+    params = {**card.architecture_params, **{k: v for k, v in config.items() if k not in keep}}
+    size = int(params.get("image_size", card.input.size))
+    channels = int(params.get("in_channels", card.input.channels))
+    spec = card.input
+    if "input" not in keep:
+        saved_input = saved.get("input") or {}
+        spec = InputSpec(size=size, channels=channels,
+                         normalisation=str(saved_input.get("normalisation", spec.normalisation)),
+                         resize=str(saved_input.get("resize", spec.resize)))
+    if (spec.size, spec.channels) != (size, channels):
+        # The ONNX export and the anchors follow these two numbers; they must agree or every box is wrong.
+        raise ValueError(
+            f"input spec {spec.size} px x {spec.channels} channels contradicts the detector's image_size {size} / "
+            f"in_channels {channels}"
+        )
+    return replace(card, architecture_params=params, input=spec)
+
+
+def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_thresholds: Collection[str] = (),
+                 keep: Collection[str] = ()) -> ModelCard:
     if card.weights.format != "onnx":
         from .export import export_card_onnx, load_card_module
 
+        if card.task == "detection" and card.weights_path is not None:
+            from .detector import read_checkpoint_config
+
+            saved = read_checkpoint_config(card.weights_path)
+            if saved is not None:
+                card = adopt_detector_checkpoint_config(card, saved, keep=keep)
         module = load_card_module(card)  # validates the checkpoint: clear CheckpointError otherwise
         card = thresholds_from_checkpoint(card, module, keep=explicit_thresholds)
         if export:
