@@ -5,7 +5,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cxr_triage.models.engines import EngineUnavailable, OrtEngine, TorchEngine, select_engine
+from cxr_triage.models.engines import (
+    EngineUnavailable,
+    OrtEngine,
+    TorchEngine,
+    ort_provider_entries,
+    ort_providers,
+    select_engine,
+)
 from cxr_triage.models.export import load_card_module, output_names_for
 from cxr_triage.models.preprocess import load_image, prepare
 from cxr_triage.models.registry import find_card
@@ -57,6 +64,51 @@ def test_select_engine(demo_models_dir: Path) -> None:
         select_engine("bogus")
     with pytest.raises(EngineUnavailable):
         select_engine("tensorrt", onnx_path=card.onnx_path)
+
+
+CPU_ONLY = ("AzureExecutionProvider", "CPUExecutionProvider")  # what onnxruntime (CPU build) offers here
+GPU_BUILD = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+def test_ort_provider_order() -> None:
+    assert ort_providers(CPU_ONLY) == ["CPUExecutionProvider"]
+    assert ort_providers(GPU_BUILD) == ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(GPU_BUILD[1:]) == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert ort_providers(GPU_BUILD, device="cpu") == ["CPUExecutionProvider"]
+    assert ort_providers(("TensorrtExecutionProvider", "CPUExecutionProvider")) == [
+        "TensorrtExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_ort_provider_entries_configure_tensorrt(tmp_path: Path) -> None:
+    entries = ort_provider_entries(ort_providers(GPU_BUILD), GPU_BUILD, trt_cache_dir=tmp_path / "trt",
+                                   trt_fp16=True, input_shape=(3, 512, 512), max_batch=4)
+    assert [e if isinstance(e, str) else e[0] for e in entries] == list(GPU_BUILD)
+    trt = dict(entries[0][1])  # type: ignore[index]
+    assert trt["trt_engine_cache_enable"] is True and trt["trt_engine_cache_path"] == str(tmp_path / "trt")
+    assert trt["trt_fp16_enable"] is True
+    assert trt["trt_profile_min_shapes"] == "input:1x3x512x512"
+    assert trt["trt_profile_max_shapes"] == "input:4x3x512x512"
+    assert entries[1] == ("CUDAExecutionProvider", {"device_id": 0})
+    fp32 = ort_provider_entries(["TensorrtExecutionProvider"], GPU_BUILD, trt_fp16=False)
+    assert fp32[0][1]["trt_fp16_enable"] is False and "trt_engine_cache_path" not in fp32[0][1]  # type: ignore[index]
+    assert fp32[-1] == "CPUExecutionProvider"  # CPU appended: the fallback for unsupported nodes
+    # Asked-for providers that are not installed are dropped; a CPU machine gets exactly what it got before.
+    assert ort_provider_entries(ort_providers(CPU_ONLY), CPU_ONLY, trt_cache_dir=tmp_path / "x") == [
+        "CPUExecutionProvider"]
+    assert ort_provider_entries(list(GPU_BUILD), CPU_ONLY) == ["CPUExecutionProvider"]
+
+
+def test_select_engine_on_cpu_is_unchanged_by_tensorrt_options(demo_models_dir: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    card = find_card(demo_models_dir, "demo-classifier")
+    e = select_engine("auto", onnx_path=card.onnx_path, intra_op_threads=2, trt_cache_dir=tmp_path / "trt",
+                      trt_fp16=True, input_shape=(1, 224, 224), max_batch=4)
+    wanted = ort_providers(ort.get_available_providers())
+    # what runs is the wanted list, in order, less any provider the session could not start
+    assert list(e.providers) == [p for p in wanted if p in e.providers] and e.providers[-1] == "CPUExecutionProvider"
+    if wanted == ["CPUExecutionProvider"]:  # this machine: exactly the CPU session it always was
+        assert e.providers == ("CPUExecutionProvider",) and not (tmp_path / "trt").exists()
 
 
 def _cuda() -> bool:
