@@ -14,7 +14,12 @@ Card schema (``schema: "cxr-triage-model-card/1"``)::
      "onnx": {"file", "sha256", "opset", "output_names"} | null,
      "input": {"size", "channels", "normalisation", "resize"},
      "labels": [...], "positive_label": "Pneumonia", "operating_thresholds": {"Pneumonia": 0.5},
-     "postprocess": {...}, "architecture_params": {...}, "demo": false, "notes": ""}
+     "postprocess": {...}, "architecture_params": {...}, "demo": false, "notes": "",
+     "tensorrt": {"precision", "max_batch", "calibration_sha256", "calibration_dir", "calibration_count",
+                  "plan", "tensorrt_version", "gpu_name", "compute_capability"} | null}
+
+``tensorrt`` records what ``cxr-triage models build`` built: the worker looks its plan up (or rebuilds it after
+a TensorRT / GPU / ONNX change) with exactly these settings.
 
 No torch import here: the worker only needs cards, hashes and ONNX files.
 """
@@ -43,6 +48,8 @@ __all__ = [
     "ModelCard",
     "WeightsInfo",
     "OnnxInfo",
+    "TensorRTBuild",
+    "TENSORRT_PRECISIONS",
     "WeightsError",
     "load_card",
     "save_card",
@@ -86,6 +93,39 @@ class OnnxInfo:
     output_names: tuple[str, ...] = ()
 
 
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorRTBuild:
+    """The settings ``models build`` built a TensorRT plan with, recorded in the card.
+
+    ``precision``, ``max_batch`` and ``calibration_sha256`` (the identity of the INT8 calibration set: sha256
+    over the preprocessed images) are the card's part of the plan cache key; the rest of the key (ONNX sha256,
+    TensorRT version, GPU) comes from the card's ONNX and the machine at load time, so an upgrade still means a
+    rebuild. ``calibration_dir`` / ``calibration_count`` say where the calibration images came from, so that an
+    INT8 rebuild can use them again. ``plan``, ``tensorrt_version``, ``gpu_name`` and ``compute_capability``
+    describe the last build (informational: never used to find a plan)."""
+
+    precision: str = "fp16"
+    max_batch: int = 8
+    calibration_sha256: str | None = None
+    calibration_dir: str | None = None
+    calibration_count: int = 0
+    plan: str | None = None
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in TENSORRT_PRECISIONS:
+            raise ValueError(f"tensorrt.precision must be one of {TENSORRT_PRECISIONS}, got {self.precision!r}")
+        if int(self.max_batch) < 1:
+            raise ValueError(f"tensorrt.max_batch must be >= 1, got {self.max_batch}")
+        if self.precision == "int8" and not self.calibration_sha256:
+            raise ValueError("tensorrt: an int8 build needs its calibration set (calibration_sha256)")
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str
@@ -103,6 +143,7 @@ class ModelCard:
     demo: bool = False
     display_name: str = ""
     notes: str = ""
+    tensorrt: TensorRTBuild | None = None
     models_dir: Path | None = field(default=None, compare=False)
 
     @property
@@ -143,6 +184,7 @@ class ModelCard:
             "postprocess": self.postprocess,
             "demo": self.demo,
             "notes": self.notes,
+            "tensorrt": None if self.tensorrt is None else asdict(self.tensorrt),
         }
         return d
 
@@ -174,6 +216,8 @@ class ModelCard:
             demo=bool(d.get("demo", False)),
             display_name=d.get("display_name") or d["name"],
             notes=d.get("notes", ""),
+            # absent in cards written before `models build` recorded its settings: the worker's defaults apply
+            tensorrt=TensorRTBuild(**d["tensorrt"]) if d.get("tensorrt") else None,
             models_dir=models_dir,
         )
 
