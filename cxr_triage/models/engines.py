@@ -211,7 +211,8 @@ class TensorRTEngine:
         torch.cuda.set_device(self.device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        self.plan_path = Path(plan_path)  # which cached plan serves (the worker's choice is checkable)
+        self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise EngineUnavailable(
                 f"TensorRT could not deserialize {Path(plan_path).name} (built for another TensorRT/GPU?)"
