@@ -2,9 +2,11 @@
 FLOP floor (model FLOPs / measured peak matmul FLOP/s), and decode+window time per transfer syntax with
 imagecodecs (ours) vs pydicom's default pixel handlers.
 
-    python benchmarks/bench_models.py [--models-dir DIR] [--threads 2] [--quick]
+    python benchmarks/bench_models.py [--models-dir DIR] [--threads 2] [--quick] [--only preprocess|models]
 
-Uses the deterministic demo models (built/cached in --models-dir) and the real files in ../shared/data.
+Uses the deterministic demo models (built/cached in --models-dir) and the real files in ../shared/data. The
+lossless transfer syntaxes (JPEG lossless SV1, JPEG-LS, RLE, JPEG 2000 lossless) are made here from the 15-bit
+WG04 CR (1955 x 1841) by re-encoding its pixels, as the tests do.
 """
 
 from __future__ import annotations
@@ -110,10 +112,58 @@ def bench_models(models_dir: Path, threads: int, quick: bool) -> None:
         print(f"  ({card.name}: {flops / 1e9:.2f} GFLOP per image; FLOP floor {flops / peak * 1e3:.1f} ms/img)")
 
 
+def _lossless_files(out_dir: Path) -> dict[str, Path]:
+    """The 15-bit CR re-encoded losslessly in each transfer syntax the shared data lacks."""
+    import copy
+
+    import imagecodecs
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import ExplicitVRLittleEndian, RLELossless
+
+    from cxr_triage.models.preprocess import decode_dicom_pixels
+
+    src = pydicom.dcmread(DATA / "dicom" / "wg04-cr-chest-pa-j2k-monochrome1.dcm")
+    pixels = np.ascontiguousarray(decode_dicom_pixels(src))
+    bits = int(src.BitsStored)
+    native = copy.deepcopy(src)
+    native.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    native.PixelData = pixels.tobytes()
+    native["PixelData"].VR = "OW"
+    files = {}
+    path = out_dir / "native16.dcm"
+    native.save_as(path, enforce_file_format=True)
+    files["uncompressed 15-bit"] = path
+    encoders = {
+        "JPEG lossless SV1": ("1.2.840.10008.1.2.4.70",
+                              lambda: imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=bits)),
+        "JPEG-LS lossless": ("1.2.840.10008.1.2.4.80", lambda: imagecodecs.jpegls_encode(pixels)),
+        "J2K lossless": ("1.2.840.10008.1.2.4.90",
+                         lambda: imagecodecs.jpeg2k_encode(pixels, codecformat="J2K", reversible=True,
+                                                           bitspersample=bits)),
+    }
+    for name, (ts, encode) in encoders.items():
+        ds = copy.deepcopy(native)
+        ds.file_meta.TransferSyntaxUID = ts
+        ds.PixelData = encapsulate([bytes(encode())])
+        ds["PixelData"].VR = "OB"
+        path = out_dir / f"{ts}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        files[name] = path
+    ds = copy.deepcopy(native)
+    ds.compress(RLELossless)
+    path = out_dir / "rle.dcm"
+    ds.save_as(path, enforce_file_format=True)
+    files["RLE lossless"] = path
+    return files
+
+
 def bench_preprocess() -> None:
+    import tempfile
+
     import pydicom
 
-    from cxr_triage.models.preprocess import InputSpec, load_image, prepare
+    from cxr_triage.models.preprocess import InputSpec, decode_dicom_pixels_and_codec, load_image, prepare
 
     files = {
         "JPEG baseline": DATA / "dicom" / "siim-cr-pa-jpeg-baseline.dcm",
@@ -121,13 +171,20 @@ def bench_preprocess() -> None:
         "uncompressed": DATA / "dicom" / "nih-dx-secondary-capture.dcm",
         "PNG (8-bit)": sorted((DATA / "nih-cxr14" / "images").glob("*.png"))[0],
     }
+    tmp = tempfile.TemporaryDirectory(prefix="bench-preprocess-")
+    files.update(_lossless_files(Path(tmp.name)))
     spec = InputSpec(224, 1, "xrv")
-    print(f"\n{'preprocess':20s} {'ours decode+LUT ms':>19s} {'+resize ms':>11s} {'pydicom pixel_array ms':>23s} {'pydicom apply_voi_lut ms':>25s}")
+    print(f"\n{'preprocess':20s} {'size':>11s} {'ours decode ms':>15s} {'ours +LUT ms':>13s} {'+resize ms':>11s} "
+          f"{'pydicom pixel_array ms':>23s} {'+apply_voi_lut ms':>18s} {'pydicom/ours':>13s}  our codec")
     for name, path in files.items():
         ours = _time(lambda: load_image(path), 5)
         img = load_image(path)
         rs = _time(lambda: prepare(img, spec), 5)
+        size = f"{img.shape[1]}x{img.shape[0]}"
         if path.suffix == ".dcm":
+            codec = decode_dicom_pixels_and_codec(pydicom.dcmread(path))[1]
+            dec = _time(lambda: decode_dicom_pixels_and_codec(pydicom.dcmread(path)), 5)
+
             def ref() -> None:
                 ds = pydicom.dcmread(path)
                 arr = ds.pixel_array
@@ -138,11 +195,15 @@ def bench_preprocess() -> None:
             def ref_decode() -> None:
                 pydicom.dcmread(path).pixel_array  # noqa: B018
 
-            r1 = f"{_time(ref_decode, 3) * 1e3:23.1f}"
-            r2 = f"{_time(ref, 3) * 1e3:25.1f}"
+            t_ref = _time(ref_decode, 3)
+            r1 = f"{t_ref * 1e3:23.1f}"
+            r2 = f"{_time(ref, 3) * 1e3:18.1f}"
+            ratio = f"{t_ref / dec:12.1f}x"
+            d = f"{dec * 1e3:15.1f}"
         else:
-            r1 = r2 = f"{'-':>23s}"
-        print(f"{name:20s} {ours * 1e3:19.1f} {rs * 1e3:11.1f} {r1} {r2}")
+            codec, d, r1, r2, ratio = "PIL", f"{'-':>15s}", f"{'-':>23s}", f"{'-':>18s}", f"{'-':>13s}"
+        print(f"{name:20s} {size:>11s} {d} {ours * 1e3:13.1f} {rs * 1e3:11.1f} {r1} {r2} {ratio}  {codec}")
+    tmp.cleanup()
 
 
 def main() -> None:
@@ -150,10 +211,13 @@ def main() -> None:
     ap.add_argument("--models-dir", type=Path, default=Path("/tmp/cxr-triage-bench-models"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--skip-models", action="store_true")
+    ap.add_argument("--skip-models", action="store_true", help="same as --only preprocess")
+    ap.add_argument("--only", choices=("preprocess", "models"), default=None,
+                    help="run one table: preprocessing per transfer syntax (seconds) or the engines (minutes)")
     args = ap.parse_args()
-    bench_preprocess()
-    if not args.skip_models:
+    if args.only in (None, "preprocess"):
+        bench_preprocess()
+    if args.only in (None, "models") and not args.skip_models:
         bench_models(args.models_dir, args.threads, args.quick)
 
 

@@ -16,7 +16,7 @@ import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -312,8 +312,35 @@ def _pick(cards: list[ModelCard], task: str, name: str | None, *, demo: bool) ->
     return pool[0] if pool else None
 
 
+def tensorrt_or_fallback(kind: str, model_ref: str, attempt: Callable[[], Any]) -> Any | None:
+    """Run ``attempt`` (create a TensorRT engine). Engine ``tensorrt``: its failure is the worker's failure, as
+    :class:`EngineUnavailable` naming the model. Engine ``auto``: any failure (a plan TensorRT refuses twice, an
+    INT8 plan without its calibration images, a build error) means ONNX Runtime instead, with the reason logged."""
+    from .engines import EngineUnavailable
+
+    try:
+        return attempt()
+    except Exception as exc:  # noqa: BLE001 - TensorRT and its builder raise many types; auto must not die of any
+        text = str(exc).splitlines()[0][:300] if str(exc) else ""
+        reason = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+        if kind == "tensorrt":
+            raise EngineUnavailable(f"model {model_ref}: TensorRT engine unavailable: {reason}") from exc
+        from cxr_triage.core.logging import get_logger
+
+        get_logger(__name__).warning("tensorrt_unavailable_using_onnxruntime", model=model_ref, reason=reason)
+        return None
+
+
+def _trt_fp16(card: ModelCard) -> bool:
+    """FP16 for ONNX Runtime's TensorRT provider: the card's recorded precision (INT8 there needs a calibration
+    table ONNX Runtime does not have, so it runs FP16, the nearest); FP16 when nothing is recorded."""
+    precision = card.tensorrt.precision if card.tensorrt else str(card.architecture_params.get("tensorrt_precision",
+                                                                                                  "fp16"))
+    return precision != "fp32"
+
+
 def _engine_for(card: ModelCard, kind: str, intra_op_threads: int | None) -> Any:
-    from .engines import EngineUnavailable, select_engine
+    from .engines import EngineUnavailable, TensorRTEngine, select_engine
 
     if kind == "torch":
         from .export import load_card_module, output_names_for
@@ -324,23 +351,29 @@ def _engine_for(card: ModelCard, kind: str, intra_op_threads: int | None) -> Any
         onnx_path = verify_onnx(card)
     except WeightsError as exc:
         raise ModelsUnavailable(str(exc)) from None
-    plan = None
+    engines_dir = (card.models_dir or onnx_path.parent) / "engines"
     if kind in ("tensorrt", "auto"):
-        from .export import build_tensorrt_engine, tensorrt_available
+        from .export import open_tensorrt_engine, tensorrt_available, tensorrt_environment
 
         if tensorrt_available():
-            precision = str(card.architecture_params.get("tensorrt_precision", "fp16"))
-            cache = (card.models_dir or onnx_path.parent) / "engines"
-            try:
-                plan = build_tensorrt_engine(onnx_path, precision=precision, max_batch=8, cache_dir=cache,
-                                             onnx_sha256=card.onnx.sha256 if card.onnx else None)
-            except Exception:  # noqa: BLE001 - auto falls back to ONNX Runtime
-                if kind == "tensorrt":
-                    raise
-                plan = None
+            def attempt() -> Any:
+                # The plan `models build` recorded in the card (precision, max batch, calibration set), found
+                # under the same cache key; built here when missing, rebuilt when TensorRT refuses it.
+                engine, _ = open_tensorrt_engine(
+                    card, onnx_path=onnx_path, cache_dir=engines_dir, environment=tensorrt_environment(),
+                    load=TensorRTEngine,
+                    default_precision=str(card.architecture_params.get("tensorrt_precision", "fp16")))
+                return engine
+
+            engine = tensorrt_or_fallback(kind, card.ref, attempt)
+            if engine is not None:
+                return engine
         elif kind == "tensorrt":
             raise EngineUnavailable("tensorrt engine requested but TensorRT/CUDA are not available")
-    return select_engine(kind, onnx_path=onnx_path, plan_path=plan, intra_op_threads=intra_op_threads)
+    return select_engine(kind, onnx_path=onnx_path, intra_op_threads=intra_op_threads,
+                         trt_cache_dir=engines_dir / "onnxruntime-trt", trt_fp16=_trt_fp16(card),
+                         input_shape=(card.input.channels, card.input.size, card.input.size),
+                         max_batch=card.tensorrt.max_batch if card.tensorrt else 8)
 
 
 def build_analyzer(

@@ -111,12 +111,15 @@ def build_cmd(
     name: str = typer.Argument(...),
     precision: str = typer.Option("fp16", "--precision", help="fp32 | fp16 | int8"),
     calibration_dir: Optional[Path] = typer.Option(None, "--calibration-dir", help="images for INT8 calibration"),
-    max_batch: int = typer.Option(8, "--max-batch"),
+    max_batch: int = typer.Option(8, "--max-batch", min=1),
     models_dir: Optional[Path] = _MODELS_DIR,
 ) -> None:
-    """Build (or reuse) a TensorRT plan for a model (needs TensorRT and a CUDA GPU)."""
-    from .export import ExportError, build_tensorrt_engine
-    from .preprocess import ImageError, load_image, prepare
+    """Build (or reuse) a TensorRT plan for a model (needs TensorRT and a CUDA GPU) and record its settings in the
+    model card, so the worker loads this plan (and rebuilds it the same way after a TensorRT or GPU change)."""
+    from dataclasses import replace
+
+    from .export import (ExportError, build_tensorrt_engine, load_calibration_images, tensorrt_build_record,
+                         tensorrt_environment)
     from .registry import verify_onnx
 
     d = _dir(models_dir)
@@ -124,19 +127,25 @@ def build_cmd(
         card = find_card(d, name)
         onnx_path = verify_onnx(card)
         calib = None
-        if calibration_dir is not None:
-            calib = []
-            for p in sorted(calibration_dir.iterdir())[:256]:
-                try:
-                    calib.append(prepare(load_image(p), card.input)[0])
-                except ImageError:
-                    continue
-        plan = build_tensorrt_engine(onnx_path, precision=precision, calibration_images=calib, max_batch=max_batch,
-                                     cache_dir=d / "engines", onnx_sha256=card.onnx.sha256 if card.onnx else None)
+        if calibration_dir is not None and precision == "int8":
+            calib = load_calibration_images(calibration_dir, card.input)
+        # The record first: it validates the settings (int8 without images) before any TensorRT work.
+        record = tensorrt_build_record(precision=precision, max_batch=max_batch, calibration_dir=calibration_dir,
+                                       calibration_images=calib)
+        env = tensorrt_environment()
+        plan = build_tensorrt_engine(onnx_path, precision=record.precision, calibration_images=calib,
+                                     max_batch=record.max_batch, cache_dir=d / "engines",
+                                     onnx_sha256=card.onnx.sha256 if card.onnx else None, environment=env)
     except (KeyError, ValueError, RuntimeError, ExportError) as exc:
         _fail(str(exc))
         return
-    typer.echo(f"engine {plan}")
+    cc = f"{env.compute_capability[0]}.{env.compute_capability[1]}"
+    record = replace(record, plan=plan.relative_to(d).as_posix() if plan.is_relative_to(d) else str(plan),
+                     tensorrt_version=env.tensorrt_version, gpu_name=env.gpu_name, compute_capability=cc)
+    save_card(replace(card, tensorrt=record), d)
+    typer.echo(f"engine {plan} ({record.precision}, max batch {record.max_batch}"
+               + (f", {record.calibration_count} calibration images" if record.calibration_count else "")
+               + f"); recorded in {name}.card.json")
 
 
 @app.command("list")

@@ -207,6 +207,33 @@ def config_dict(model: OpacityDetector) -> dict[str, Any]:
 _BUILD_KEYS = ("backbone", "image_size", "in_channels", "num_global_classes", "small_anchors")
 
 
+def read_checkpoint_config(path: str | Path) -> dict[str, Any] | None:
+    """What a checkpoint in our format says about itself: ``{"config": build kwargs, "input": {...} | None}``
+    (as :func:`cxr_triage.models.train.save_checkpoint` writes them); ``None`` for a torchvision state dict,
+    which carries no configuration. Raises ``CheckpointError`` for a file that is not a loadable checkpoint.
+
+    The import path reads this *before* building the model so that a checkpoint trained with
+    ``--image-size 384`` or ``--default-anchors`` gets a card describing it, instead of the 512 px /
+    small-anchor defaults that would then contradict it."""
+    try:
+        # mmap: only the small config is needed; tensors are not read into memory (torch >= 2.1, zip format).
+        obj = torch.load(Path(path), map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - legacy (non-zip) files cannot be mmapped; try a plain load
+        try:
+            obj = torch.load(Path(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - torch raises several types for corrupt/unsafe files
+            from cxr_triage.models.classifier import CheckpointError
+
+            raise CheckpointError(
+                f"cannot load detector weights {Path(path).name}: not a loadable checkpoint ({type(exc).__name__})"
+            ) from None
+    if not (isinstance(obj, dict) and "model" in obj and isinstance(obj.get("config"), dict)):
+        return None
+    config = {k: v for k, v in obj["config"].items() if k in _BUILD_KEYS}
+    saved_input = obj.get("input")
+    return {"config": config, "input": dict(saved_input) if isinstance(saved_input, dict) else None}
+
+
 def load_detector_checkpoint(path: str | Path, **build_kwargs: Any) -> OpacityDetector:
     """Load a detector from our checkpoint format or a torchvision RetinaNet state dict.
 
@@ -234,7 +261,9 @@ def load_detector_checkpoint(path: str | Path, **build_kwargs: Any) -> OpacityDe
         saved = {k: v for k, v in obj["config"].items() if k in _BUILD_KEYS}
         conflicts = {k: (v, saved[k]) for k, v in build_kwargs.items() if k in saved and saved[k] != v}
         if conflicts:
-            raise ValueError(f"{path}: checkpoint was trained with {saved}; conflicting arguments {conflicts}")
+            # The conflict first and no directory: callers cut long messages to one short line.
+            raise ValueError(f"conflicting arguments {conflicts} (argument, checkpoint): {Path(path).name} was "
+                             f"trained with {saved}")
         model = build_detector(**{**saved, **build_kwargs})
         model.load_state_dict(obj["model"])
     else:

@@ -6,7 +6,8 @@ created once per process and are safe to call from one thread at a time (the wor
 ONNX Runtime sessions are additionally thread-safe.
 
 * :class:`OrtEngine` -- ONNX Runtime; CPU by default, CUDA / TensorRT execution providers when present and
-  asked for; ``intra_op_threads`` configurable; graph optimisation level ALL.
+  asked for (:func:`ort_providers` orders them: TensorRT, CUDA, CPU); ``intra_op_threads`` configurable; graph
+  optimisation level ALL.
 * :class:`TorchEngine` -- eager torch reference (optional ``torch.compile``; CUDA graphs via
   ``mode="reduce-overhead"`` on GPU).
 * :class:`TensorRTEngine` -- TensorRT 10.x plan: deserialise, set the input shape per batch, bind torch CUDA
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from collections.abc import Collection
 from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
@@ -25,7 +27,11 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 __all__ = ["Engine", "OrtEngine", "TorchEngine", "TensorRTEngine", "select_engine", "available_engines",
-           "EngineUnavailable"]
+           "EngineUnavailable", "ort_providers", "ort_provider_entries"]
+
+TRT_EP = "TensorrtExecutionProvider"
+CUDA_EP = "CUDAExecutionProvider"
+CPU_EP = "CPUExecutionProvider"
 
 
 class EngineUnavailable(RuntimeError):
@@ -47,6 +53,56 @@ def _check_batch(batch: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(batch, dtype=np.float32)
 
 
+def ort_providers(available: Collection[str], *, device: str | None = None) -> list[str]:
+    """ONNX Runtime execution providers to ask for, best first: TensorRT, then CUDA, then CPU. CPU is always
+    last because ONNX Runtime places a node no earlier provider can run on the next one in the list (TensorRT EP
+    hands unsupported subgraphs to CUDA). ``device="cpu"`` asks for CPU alone."""
+    if device == "cpu":
+        return [CPU_EP]
+    return [p for p in (TRT_EP, CUDA_EP) if p in available] + [CPU_EP]
+
+
+def ort_provider_entries(
+    providers: Sequence[str],
+    available: Collection[str],
+    *,
+    device_id: int = 0,
+    trt_cache_dir: str | Path | None = None,
+    trt_fp16: bool = True,
+    input_name: str = "input",
+    input_shape: tuple[int, int, int] | None = None,
+    max_batch: int = 8,
+) -> list[str | tuple[str, dict[str, Any]]]:
+    """``InferenceSession(providers=...)`` entries for the wanted providers that exist here, with options.
+
+    TensorRT EP: engine cache under ``trt_cache_dir`` (its engines take minutes to build; without a cache every
+    worker start rebuilds them) plus its timing cache, FP16 per ``trt_fp16``, and -- when the input shape is
+    known -- one optimisation profile for batch 1..``max_batch``, so a new batch size does not trigger a rebuild
+    in the middle of serving. CPU is appended when missing (the fallback for nodes the others cannot run)."""
+    chosen: list[str | tuple[str, dict[str, Any]]] = []
+    for p in providers:
+        if p not in available:
+            continue
+        if p == TRT_EP:
+            o: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": bool(trt_fp16)}
+            if trt_cache_dir:
+                o.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir),
+                         trt_timing_cache_enable=True, trt_timing_cache_path=str(trt_cache_dir))
+            if input_shape is not None:
+                dims = "x".join(str(int(d)) for d in input_shape)
+                o.update(trt_profile_min_shapes=f"{input_name}:1x{dims}",
+                         trt_profile_opt_shapes=f"{input_name}:{int(max_batch)}x{dims}",
+                         trt_profile_max_shapes=f"{input_name}:{int(max_batch)}x{dims}")
+            chosen.append((p, o))
+        elif p == CUDA_EP:
+            chosen.append((p, {"device_id": device_id}))
+        else:
+            chosen.append(p)
+    if all((c if isinstance(c, str) else c[0]) != CPU_EP for c in chosen):
+        chosen.append(CPU_EP)
+    return chosen
+
+
 class OrtEngine:
     """ONNX Runtime session over an ONNX file."""
 
@@ -60,6 +116,8 @@ class OrtEngine:
         device_id: int = 0,
         trt_cache_dir: str | Path | None = None,
         trt_fp16: bool = True,
+        input_shape: tuple[int, int, int] | None = None,
+        max_batch: int = 8,
     ) -> None:
         import onnxruntime as ort
 
@@ -70,22 +128,11 @@ class OrtEngine:
         opts.inter_op_num_threads = int(inter_op_threads)
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         available = set(ort.get_available_providers())
-        wanted = list(providers) if providers else ["CPUExecutionProvider"]
-        chosen: list[Any] = []
-        for p in wanted:
-            if p not in available:
-                continue
-            if p == "TensorrtExecutionProvider":
-                o: dict[str, Any] = {"device_id": device_id, "trt_fp16_enable": trt_fp16}
-                if trt_cache_dir:
-                    o.update(trt_engine_cache_enable=True, trt_engine_cache_path=str(trt_cache_dir))
-                chosen.append((p, o))
-            elif p == "CUDAExecutionProvider":
-                chosen.append((p, {"device_id": device_id}))
-            else:
-                chosen.append(p)
-        if not chosen or all((c if isinstance(c, str) else c[0]) != "CPUExecutionProvider" for c in chosen):
-            chosen.append("CPUExecutionProvider")
+        wanted = list(providers) if providers else [CPU_EP]
+        if trt_cache_dir and TRT_EP in wanted and TRT_EP in available:
+            Path(trt_cache_dir).mkdir(parents=True, exist_ok=True)
+        chosen = ort_provider_entries(wanted, available, device_id=device_id, trt_cache_dir=trt_cache_dir,
+                                      trt_fp16=trt_fp16, input_shape=input_shape, max_batch=max_batch)
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=chosen)
         self.providers = tuple(self.session.get_providers())
         self.name = "onnxruntime"
@@ -164,7 +211,8 @@ class TensorRTEngine:
         torch.cuda.set_device(self.device)
         self._logger = trt.Logger(trt.Logger.WARNING)
         self._runtime = trt.Runtime(self._logger)
-        self.engine = self._runtime.deserialize_cuda_engine(Path(plan_path).read_bytes())
+        self.plan_path = Path(plan_path)  # which cached plan serves (the worker's choice is checkable)
+        self.engine = self._runtime.deserialize_cuda_engine(self.plan_path.read_bytes())
         if self.engine is None:
             raise EngineUnavailable(
                 f"TensorRT could not deserialize {Path(plan_path).name} (built for another TensorRT/GPU?)"
@@ -240,9 +288,16 @@ def select_engine(
     output_names: Sequence[str] | None = None,
     intra_op_threads: int | None = None,
     device: str | None = None,
+    trt_cache_dir: str | Path | None = None,
+    trt_fp16: bool = True,
+    input_shape: tuple[int, int, int] | None = None,
+    max_batch: int = 8,
 ) -> Engine:
     """Create an engine. ``auto``: TensorRT plan if given and TensorRT+CUDA are present, else ONNX Runtime
-    (with the CUDA provider when available), else torch."""
+    (with its TensorRT and CUDA providers when available, :func:`ort_providers`), else torch.
+
+    ``trt_cache_dir`` / ``trt_fp16`` / ``input_shape`` / ``max_batch`` configure ONNX Runtime's TensorRT
+    provider (see :func:`ort_provider_entries`); they change nothing on a CPU-only machine."""
     if kind not in ("auto", "onnxruntime", "tensorrt", "torch"):
         raise ValueError("engine kind must be auto, onnxruntime, tensorrt or torch")
     if kind == "tensorrt" or (kind == "auto" and plan_path is not None and "tensorrt" in available_engines()):
@@ -252,10 +307,10 @@ def select_engine(
     if kind in ("auto", "onnxruntime") and onnx_path is not None:
         import onnxruntime as ort
 
-        providers = ["CPUExecutionProvider"]
-        if device != "cpu" and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        return OrtEngine(onnx_path, providers=providers, intra_op_threads=intra_op_threads)
+        providers = ort_providers(ort.get_available_providers(), device=device)
+        return OrtEngine(onnx_path, providers=providers, intra_op_threads=intra_op_threads,
+                         trt_cache_dir=trt_cache_dir, trt_fp16=trt_fp16, input_shape=input_shape,
+                         max_batch=max_batch)
     if kind == "onnxruntime":
         raise EngineUnavailable("onnxruntime engine requested but no ONNX file was given")
     if module is None or output_names is None:

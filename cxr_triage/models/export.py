@@ -9,6 +9,12 @@
   ``cache_dir/<key>.plan`` where the key (:func:`engine_cache_key`) is sha256 over the ONNX file's sha256,
   TensorRT version, GPU name, compute capability, precision, max batch and calibration set; a mismatch in
   any of them means a different file name, hence a rebuild.
+* :func:`tensorrt_build_record` / :func:`plan_path_for` -- what ``models build`` records in the card
+  (:class:`~cxr_triage.models.registry.TensorRTBuild`) and where the plan for that record lives on this machine,
+  so the worker loads the plan ``models build`` made instead of building another one with default settings.
+* :func:`open_tensorrt_engine` -- the worker's decision: load the recorded plan; build it when missing; when
+  TensorRT refuses a cached plan (truncated, or built elsewhere), delete it and build once more; an INT8 rebuild
+  uses the recorded calibration images or refuses with a message saying how to rebuild.
 """
 
 from __future__ import annotations
@@ -17,13 +23,14 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 
-from .registry import ModelCard, OnnxInfo, save_card, store_blob, verify_weights
+from .engines import EngineUnavailable
+from .registry import TENSORRT_PRECISIONS, ModelCard, OnnxInfo, TensorRTBuild, save_card, store_blob, verify_weights
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -35,12 +42,22 @@ __all__ = [
     "engine_cache_key",
     "build_tensorrt_engine",
     "tensorrt_available",
+    "tensorrt_environment",
+    "TensorRTEnvironment",
+    "tensorrt_plan_path",
+    "plan_path_for",
+    "tensorrt_build_record",
+    "load_calibration_images",
+    "calibration_digest",
+    "open_tensorrt_engine",
+    "CALIBRATION_LIMIT",
     "PRECISIONS",
     "ExportError",
 ]
 
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = TENSORRT_PRECISIONS
 INPUT_NAME = "input"
+CALIBRATION_LIMIT = 256  # images taken from a calibration folder (sorted by name)
 
 
 class ExportError(RuntimeError):
@@ -165,6 +182,30 @@ def tensorrt_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@dataclass(frozen=True)
+class TensorRTEnvironment:
+    """The machine's part of a plan's cache key: a plan only loads under the TensorRT and GPU it was built for."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: tuple[int, int]
+
+
+def tensorrt_environment(device: int | None = None) -> TensorRTEnvironment:
+    """TensorRT version and GPU of this process. Raises :class:`ExportError` without TensorRT or CUDA."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise ExportError("TensorRT is not installed (pip install 'cxr-triage[gpu]' on a CUDA machine)") from exc
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ExportError("TensorRT needs a CUDA GPU")
+    props = torch.cuda.get_device_properties(torch.cuda.current_device() if device is None else device)
+    return TensorRTEnvironment(tensorrt_version=str(trt.__version__), gpu_name=str(props.name),
+                               compute_capability=(int(props.major), int(props.minor)))
+
+
 def engine_cache_key(
     *,
     onnx_sha256: str,
@@ -191,7 +232,8 @@ def engine_cache_key(
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:40]
 
 
-def _calibration_digest(images: Sequence[np.ndarray] | None) -> str | None:
+def calibration_digest(images: Sequence[np.ndarray] | None) -> str | None:
+    """Identity of a calibration set: sha256 over the preprocessed images (shape and float32 bytes, in order)."""
     if not images:
         return None
     h = hashlib.sha256()
@@ -200,6 +242,72 @@ def _calibration_digest(images: Sequence[np.ndarray] | None) -> str | None:
         h.update(str(a.shape).encode())
         h.update(a.tobytes())
     return h.hexdigest()
+
+
+_calibration_digest = calibration_digest  # the name earlier code used
+
+
+def load_calibration_images(directory: str | Path, spec: Any, *, limit: int = CALIBRATION_LIMIT) -> list[np.ndarray]:
+    """The INT8 calibration set of a folder: its first ``limit`` readable images (DICOM, PNG, JPEG) in file-name
+    order, prepared per the card's input spec. ``models build`` and an INT8 rebuild in the worker both take the set
+    from here, so one folder always gives the same images, hence the same digest, hence the same plan."""
+    from .preprocess import ImageError, load_image, prepare
+
+    folder = Path(directory)
+    if not folder.is_dir():
+        raise ExportError(f"calibration folder {folder} does not exist")
+    images: list[np.ndarray] = []
+    for path in sorted(folder.iterdir()):
+        if len(images) >= limit:
+            break
+        if not path.is_file():
+            continue
+        try:
+            images.append(prepare(load_image(path), spec)[0])
+        except ImageError:
+            continue  # not an image: a README or label file next to the images
+    return images
+
+
+def tensorrt_plan_path(
+    *,
+    cache_dir: str | Path,
+    onnx_sha256: str,
+    environment: TensorRTEnvironment,
+    precision: str,
+    max_batch: int,
+    calibration_sha256: str | None,
+) -> Path:
+    """The one place a plan's file name is computed, for the build and for the lookup alike."""
+    key = engine_cache_key(
+        onnx_sha256=onnx_sha256, tensorrt_version=environment.tensorrt_version, gpu_name=environment.gpu_name,
+        compute_capability=environment.compute_capability, precision=precision, max_batch=max_batch,
+        calibration_sha256=calibration_sha256,
+    )
+    return Path(cache_dir) / f"{key}.plan"
+
+
+def tensorrt_build_record(
+    *,
+    precision: str,
+    max_batch: int,
+    calibration_dir: str | Path | None = None,
+    calibration_images: Sequence[np.ndarray] | None = None,
+) -> TensorRTBuild:
+    """What ``models build`` writes into the card for a build with these settings (no TensorRT needed).
+
+    The calibration set is recorded for ``int8`` only: FP32/FP16 plans do not depend on it (nor does their key)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}")
+    if precision != "int8":
+        return TensorRTBuild(precision=precision, max_batch=int(max_batch))
+    if not calibration_images:
+        raise ValueError("int8 needs calibration images: give --calibration-dir with sample images the model reads")
+    return TensorRTBuild(
+        precision=precision, max_batch=int(max_batch), calibration_sha256=calibration_digest(calibration_images),
+        calibration_dir=str(Path(calibration_dir).resolve()) if calibration_dir is not None else None,
+        calibration_count=len(calibration_images),
+    )
 
 
 def _make_calibrator(trt: Any, images: Sequence[np.ndarray], batch_size: int, cache_file: Path) -> Any:
@@ -245,10 +353,12 @@ def build_tensorrt_engine(
     cache_dir: str | Path,
     workspace_bytes: int = 2 << 30,
     onnx_sha256: str | None = None,
+    environment: TensorRTEnvironment | None = None,
 ) -> Path:
     """Build (or reuse from ``cache_dir``) a TensorRT plan for ``onnx_path``. Returns the plan path.
 
-    ``calibration_images``: preprocessed CxHxW float32 arrays (required for ``int8``).
+    ``calibration_images``: preprocessed CxHxW float32 arrays (required for ``int8``). ``environment``: this
+    machine's TensorRT/GPU (detected when not given).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}")
@@ -267,17 +377,12 @@ def build_tensorrt_engine(
     onnx_path = Path(onnx_path)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
-    props = torch.cuda.get_device_properties(torch.cuda.current_device())
-    key = engine_cache_key(
-        onnx_sha256=onnx_sha256 or sha256_file(onnx_path),
-        tensorrt_version=trt.__version__,
-        gpu_name=props.name,
-        compute_capability=(props.major, props.minor),
-        precision=precision,
-        max_batch=max_batch,
-        calibration_sha256=_calibration_digest(calibration_images),
+    plan_path = tensorrt_plan_path(
+        cache_dir=cache_dir, onnx_sha256=onnx_sha256 or sha256_file(onnx_path),
+        environment=environment or tensorrt_environment(), precision=precision, max_batch=max_batch,
+        calibration_sha256=calibration_digest(calibration_images),
     )
-    plan_path = cache_dir / f"{key}.plan"
+    key = plan_path.stem
     if plan_path.is_file() and plan_path.stat().st_size > 0:
         return plan_path
 
@@ -296,7 +401,8 @@ def build_tensorrt_engine(
     opt = opt_batch or max(1, min(max_batch, 8))
     profile.set_shape(inp.name, (1, *chw), (opt, *chw), (max_batch, *chw))
     config.add_optimization_profile(profile)
-    if precision in ("fp16", "int8") and builder.platform_has_fast_fp16:
+    # platform_has_fast_fp16 is deprecated since TensorRT 10.5 (may go): without it, ask for FP16 anyway
+    if precision in ("fp16", "int8") and getattr(builder, "platform_has_fast_fp16", True):
         config.set_flag(trt.BuilderFlag.FP16)
     calibrator = None
     if precision == "int8":
@@ -317,15 +423,74 @@ def build_tensorrt_engine(
     return plan_path
 
 
-def plan_path_for(card: ModelCard, *, precision: str, max_batch: int, cache_dir: str | Path,
-                  gpu_name: str, compute_capability: tuple[int, int], tensorrt_version: str,
-                  calibration_images: Iterable[np.ndarray] | None = None) -> Path:
-    """Where :func:`build_tensorrt_engine` would cache the plan for this card (no TensorRT needed)."""
+def plan_path_for(card: ModelCard, build: TensorRTBuild, *, cache_dir: str | Path,
+                  environment: TensorRTEnvironment) -> Path:
+    """Where the plan for ``card`` built with ``build``'s settings lives on ``environment`` (no TensorRT needed):
+    the file :func:`build_tensorrt_engine` writes for the same ONNX file, settings and calibration set."""
     if card.onnx is None:
-        raise ValueError("card has no ONNX export")
-    key = engine_cache_key(
-        onnx_sha256=card.onnx.sha256, tensorrt_version=tensorrt_version, gpu_name=gpu_name,
-        compute_capability=compute_capability, precision=precision, max_batch=max_batch,
-        calibration_sha256=_calibration_digest(list(calibration_images) if calibration_images else None),
-    )
-    return Path(cache_dir) / f"{key}.plan"
+        raise ValueError(f"model {card.ref} has no ONNX export")
+    return tensorrt_plan_path(cache_dir=cache_dir, onnx_sha256=card.onnx.sha256, environment=environment,
+                              precision=build.precision, max_batch=build.max_batch,
+                              calibration_sha256=build.calibration_sha256)
+
+
+E = TypeVar("E")
+
+
+def _recorded_calibration(card: ModelCard, build: TensorRTBuild) -> list[np.ndarray]:
+    """The calibration images ``models build`` used, for an INT8 rebuild; refuses when they are gone or changed
+    (a plan from other images would be filed under another key and never be found again)."""
+    how = (f"run `cxr-triage models build {card.name} --precision int8 --max-batch {build.max_batch} "
+           "--calibration-dir DIR` on this machine")
+    if not build.calibration_dir:
+        raise EngineUnavailable(f"model {card.ref}: its INT8 TensorRT plan must be built here, but the card records "
+                                f"no calibration folder; {how}")
+    try:
+        images = load_calibration_images(build.calibration_dir, card.input)
+    except ExportError:
+        images = []
+    if calibration_digest(images) != build.calibration_sha256:
+        raise EngineUnavailable(
+            f"model {card.ref}: its INT8 TensorRT plan must be rebuilt (no plan for this TensorRT/GPU/ONNX), but the "
+            f"calibration images recorded at {build.calibration_dir} are missing or changed; {how}"
+        )
+    return images
+
+
+def open_tensorrt_engine(
+    card: ModelCard,
+    *,
+    onnx_path: str | Path,
+    cache_dir: str | Path,
+    environment: TensorRTEnvironment,
+    load: Callable[[Path], E],
+    build: Callable[..., Path] = build_tensorrt_engine,
+    default_precision: str = "fp16",
+    default_max_batch: int = 8,
+) -> tuple[E, Path]:
+    """The worker's TensorRT engine for ``card``: returns (engine, plan path).
+
+    Settings: the card's ``tensorrt`` record (what ``models build`` built), else ``default_precision`` /
+    ``default_max_batch``. The plan is looked up under the key of those settings; when missing it is built
+    (``build``, :func:`build_tensorrt_engine` signature); when present but refused by ``load`` (TensorRT cannot
+    deserialize it: a truncated file, or a plan built for another TensorRT/GPU) it is deleted and built once more.
+    An INT8 build uses the recorded calibration images or raises :class:`EngineUnavailable` saying how to rebuild.
+    Errors propagate: the caller decides between failing (engine ``tensorrt``) and ONNX Runtime (``auto``).
+    """
+    from cxr_triage.core.logging import get_logger
+
+    record = card.tensorrt or TensorRTBuild(precision=default_precision, max_batch=default_max_batch)
+    plan = plan_path_for(card, record, cache_dir=cache_dir, environment=environment)
+    if plan.is_file() and plan.stat().st_size > 0:
+        try:
+            return load(plan), plan
+        except (EngineUnavailable, RuntimeError) as exc:
+            # The cache is ours: a refused plan is worth nothing, and keeping it would fail every start.
+            get_logger(__name__).warning("tensorrt_plan_refused_rebuilding", model=card.ref, plan=plan.name,
+                                         reason=str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__)
+            plan.unlink(missing_ok=True)
+    images = _recorded_calibration(card, record) if record.precision == "int8" else None
+    built = build(Path(onnx_path), precision=record.precision, calibration_images=images,
+                  max_batch=record.max_batch, cache_dir=Path(cache_dir),
+                  onnx_sha256=card.onnx.sha256 if card.onnx else None, environment=environment)
+    return load(Path(built)), Path(built)

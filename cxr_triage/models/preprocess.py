@@ -9,8 +9,9 @@ Two stages:
      ``Rows*Columns*frames*bytes_per_sample*samples`` exceeds ``max_bytes`` (:class:`ImageTooLarge`);
    * refuses multi-frame objects (:class:`UnsupportedImage` reason ``"multi-frame"``);
    * decodes with the fastest codec for the transfer syntax (imagecodecs: libjpeg-turbo for JPEG
-     baseline/extended/lossless, OpenJPEG for JPEG 2000, CharLS for JPEG-LS; numpy for native) and falls back
-     to pydicom's own pixel handlers (pylibjpeg / Pillow / RLE) when imagecodecs cannot;
+     baseline/extended/lossless, OpenJPEG for JPEG 2000, CharLS for JPEG-LS, its DICOM RLE decoder for
+     greyscale RLE Lossless; numpy for native) and falls back to pydicom's own pixel handlers (pylibjpeg /
+     Pillow / RLE) when imagecodecs cannot (:func:`decode_dicom_pixels_and_codec` says which one did);
    * masks / sign-extends ``BitsStored`` inside ``BitsAllocated``, applies the Modality LUT (rescale slope /
      intercept or a Modality LUT sequence), then the VOI LUT sequence or the first WindowCenter/WindowWidth
      (LINEAR, LINEAR_EXACT or SIGMOID), falling back to a robust 0.5..99.5 percentile window, and inverts
@@ -49,6 +50,7 @@ __all__ = [
     "load_dicom",
     "dicom_to_float",
     "decode_dicom_pixels",
+    "decode_dicom_pixels_and_codec",
     "prepare",
     "normalise",
     "NORMALISATIONS",
@@ -73,6 +75,7 @@ _BIG_ENDIAN = "1.2.840.10008.1.2.2"
 _JPEG_8_12 = {"1.2.840.10008.1.2.4.50", "1.2.840.10008.1.2.4.51"}
 _JPEG_LOSSLESS = {"1.2.840.10008.1.2.4.57", "1.2.840.10008.1.2.4.70"}
 _JPEG_LS = {"1.2.840.10008.1.2.4.80", "1.2.840.10008.1.2.4.81"}
+_RLE = "1.2.840.10008.1.2.5"
 _J2K = {
     "1.2.840.10008.1.2.4.90",
     "1.2.840.10008.1.2.4.91",
@@ -236,24 +239,32 @@ def _transfer_syntax(ds: Any) -> str:
 def decode_dicom_pixels(ds: Any) -> np.ndarray:
     """Decode the single frame of ``ds`` to its stored values: HxW (grey) or HxWx3 (colour, RGB order for
     compressed colour; native YBR stays YBR and is handled by :func:`dicom_to_float`)."""
+    return decode_dicom_pixels_and_codec(ds)[0]
+
+
+def decode_dicom_pixels_and_codec(ds: Any) -> tuple[np.ndarray, str]:
+    """:func:`decode_dicom_pixels` plus the name of the codec that decoded the frame (``"numpy"``,
+    ``"imagecodecs.jpeg8"`` (libjpeg-turbo), ``"imagecodecs.ljpeg"``, ``"imagecodecs.jpeg2k"`` (OpenJPEG),
+    ``"imagecodecs.jpegls"`` (CharLS), ``"imagecodecs.dicomrle"`` or ``"pydicom"``, the slow fallback), so a
+    test or benchmark can tell the fast path from the fallback."""
     ts = _transfer_syntax(ds)
     rows, cols = int(ds.Rows), int(ds.Columns)
     samples = _int(ds, "SamplesPerPixel", 1) or 1
+    expected = (rows, cols) if samples == 1 else (rows, cols, samples)
     try:
         if ts in _NATIVE:
-            arr = _decode_native(ds, ts, rows, cols, samples)
+            arr, codec = _decode_native(ds, ts, rows, cols, samples), "numpy"
         else:
-            arr = _decode_encapsulated(ds, ts)
+            arr, codec = _decode_encapsulated(ds, ts, expected)
     except ImageError:
         raise
     except Exception as exc:  # noqa: BLE001 - codecs raise their own types
         raise UnsupportedImage("decode-failed", f"decode-failed: transfer syntax {ts}") from exc
     if arr.ndim == 3 and arr.shape[-1] == 1:
         arr = arr[..., 0]
-    expected = (rows, cols) if samples == 1 else (rows, cols, samples)
     if arr.shape != expected:
         raise UnsupportedImage("decode-failed", f"decode-failed: decoded shape {arr.shape} != header {expected}")
-    return arr
+    return arr, codec
 
 
 def _decode_native(ds: Any, ts: str, rows: int, cols: int, samples: int) -> np.ndarray:
@@ -276,7 +287,26 @@ def _decode_native(ds: Any, ts: str, rows: int, cols: int, samples: int) -> np.n
     return arr.astype(dtype.newbyteorder("="), copy=False)
 
 
-def _decode_encapsulated(ds: Any, ts: str) -> np.ndarray:
+def _rle_decoder(ds: Any, rows: int, cols: int) -> Any:
+    """imagecodecs' DICOM RLE decoder for one greyscale frame (40x pydicom's numpy RLE handler on a 16-bit CR).
+    It returns the segments reassembled as little-endian bytes; colour (one segment set per sample, planar) is
+    left to pydicom."""
+    import imagecodecs
+
+    bits_alloc = _int(ds, "BitsAllocated", 0) or 0
+    if (_int(ds, "SamplesPerPixel", 1) or 1) != 1 or bits_alloc not in (8, 16, 32):
+        return None
+    signed = (_int(ds, "PixelRepresentation", 0) or 0) == 1
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits_alloc // 8}")
+
+    def decode(frame: bytes) -> np.ndarray:
+        raw = imagecodecs.dicomrle_decode(frame, dtype)
+        return np.frombuffer(raw, dtype=dtype, count=rows * cols).reshape(rows, cols).astype(dtype.newbyteorder("="))
+
+    return decode
+
+
+def _decode_encapsulated(ds: Any, ts: str, expected: tuple[int, ...]) -> tuple[np.ndarray, str]:
     import imagecodecs
     from pydicom.encaps import generate_frames
 
@@ -284,24 +314,33 @@ def _decode_encapsulated(ds: Any, ts: str) -> np.ndarray:
         frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedImage("decode-failed", f"decode-failed: bad encapsulation, {ts}") from exc
-    attempts: list = []
+    attempts: list[tuple[str, Any]] = []
     if ts in _JPEG_8_12 or ts in _JPEG_LOSSLESS:
-        attempts = [imagecodecs.jpeg8_decode, imagecodecs.ljpeg_decode]
+        # libjpeg-turbo (>= 3.0) decodes lossless JPEG (process 14) itself, 2-16 bit, and is the fastest here
+        attempts = [("imagecodecs.jpeg8", imagecodecs.jpeg8_decode), ("imagecodecs.ljpeg", imagecodecs.ljpeg_decode)]
     elif ts in _J2K:
-        attempts = [imagecodecs.jpeg2k_decode]
+        attempts = [("imagecodecs.jpeg2k", imagecodecs.jpeg2k_decode)]
     elif ts in _JPEG_LS:
-        attempts = [imagecodecs.jpegls_decode]
-    for fn in attempts:
+        attempts = [("imagecodecs.jpegls", imagecodecs.jpegls_decode)]
+    elif ts == _RLE:
+        rle = _rle_decoder(ds, *expected[:2])
+        attempts = [("imagecodecs.dicomrle", rle)] if rle is not None else []
+    for name, fn in attempts:
         try:
-            return np.asarray(fn(frame))
+            arr = np.asarray(fn(frame))
         except Exception:  # noqa: BLE001 - try the next codec
             continue
+        squeezed = arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
+        # A codec that "succeeds" with another shape did not understand the stream (liblj92 returns an empty
+        # array for JPEG-LS data): try the next one rather than fail on the shape check.
+        if squeezed.shape == expected:
+            return arr, name
     # Fallback: pydicom's pixel handlers (pylibjpeg, Pillow, RLE ...)
     try:
         arr = np.asarray(ds.pixel_array)
     except Exception as exc:  # noqa: BLE001
         raise UnsupportedImage("decode-failed", f"decode-failed: transfer syntax {ts}") from exc
-    return arr
+    return arr, "pydicom"
 
 
 def _apply_lut(x: np.ndarray, descriptor: Any, data: Any, bits_hint: int) -> tuple[np.ndarray, int]:

@@ -14,7 +14,12 @@ Card schema (``schema: "cxr-triage-model-card/1"``)::
      "onnx": {"file", "sha256", "opset", "output_names"} | null,
      "input": {"size", "channels", "normalisation", "resize"},
      "labels": [...], "positive_label": "Pneumonia", "operating_thresholds": {"Pneumonia": 0.5},
-     "postprocess": {...}, "architecture_params": {...}, "demo": false, "notes": ""}
+     "postprocess": {...}, "architecture_params": {...}, "demo": false, "notes": "",
+     "tensorrt": {"precision", "max_batch", "calibration_sha256", "calibration_dir", "calibration_count",
+                  "plan", "tensorrt_version", "gpu_name", "compute_capability"} | null}
+
+``tensorrt`` records what ``cxr-triage models build`` built: the worker looks its plan up (or rebuilds it after
+a TensorRT / GPU / ONNX change) with exactly these settings.
 
 No torch import here: the worker only needs cards, hashes and ONNX files.
 """
@@ -43,6 +48,8 @@ __all__ = [
     "ModelCard",
     "WeightsInfo",
     "OnnxInfo",
+    "TensorRTBuild",
+    "TENSORRT_PRECISIONS",
     "WeightsError",
     "load_card",
     "save_card",
@@ -51,6 +58,7 @@ __all__ = [
     "card_path",
     "import_weights",
     "thresholds_from_checkpoint",
+    "adopt_detector_checkpoint_config",
     "fetch_weights",
     "verify_weights",
     "verify_onnx",
@@ -85,6 +93,39 @@ class OnnxInfo:
     output_names: tuple[str, ...] = ()
 
 
+TENSORRT_PRECISIONS = ("fp32", "fp16", "int8")
+
+
+@dataclass(frozen=True)
+class TensorRTBuild:
+    """The settings ``models build`` built a TensorRT plan with, recorded in the card.
+
+    ``precision``, ``max_batch`` and ``calibration_sha256`` (the identity of the INT8 calibration set: sha256
+    over the preprocessed images) are the card's part of the plan cache key; the rest of the key (ONNX sha256,
+    TensorRT version, GPU) comes from the card's ONNX and the machine at load time, so an upgrade still means a
+    rebuild. ``calibration_dir`` / ``calibration_count`` say where the calibration images came from, so that an
+    INT8 rebuild can use them again. ``plan``, ``tensorrt_version``, ``gpu_name`` and ``compute_capability``
+    describe the last build (informational: never used to find a plan)."""
+
+    precision: str = "fp16"
+    max_batch: int = 8
+    calibration_sha256: str | None = None
+    calibration_dir: str | None = None
+    calibration_count: int = 0
+    plan: str | None = None
+    tensorrt_version: str | None = None
+    gpu_name: str | None = None
+    compute_capability: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.precision not in TENSORRT_PRECISIONS:
+            raise ValueError(f"tensorrt.precision must be one of {TENSORRT_PRECISIONS}, got {self.precision!r}")
+        if int(self.max_batch) < 1:
+            raise ValueError(f"tensorrt.max_batch must be >= 1, got {self.max_batch}")
+        if self.precision == "int8" and not self.calibration_sha256:
+            raise ValueError("tensorrt: an int8 build needs its calibration set (calibration_sha256)")
+
+
 @dataclass(frozen=True)
 class ModelCard:
     name: str
@@ -102,6 +143,7 @@ class ModelCard:
     demo: bool = False
     display_name: str = ""
     notes: str = ""
+    tensorrt: TensorRTBuild | None = None
     models_dir: Path | None = field(default=None, compare=False)
 
     @property
@@ -142,6 +184,7 @@ class ModelCard:
             "postprocess": self.postprocess,
             "demo": self.demo,
             "notes": self.notes,
+            "tensorrt": None if self.tensorrt is None else asdict(self.tensorrt),
         }
         return d
 
@@ -173,6 +216,8 @@ class ModelCard:
             demo=bool(d.get("demo", False)),
             display_name=d.get("display_name") or d["name"],
             notes=d.get("notes", ""),
+            # absent in cards written before `models build` recorded its settings: the worker's defaults apply
+            tensorrt=TensorRTBuild(**d["tensorrt"]) if d.get("tensorrt") else None,
             models_dir=models_dir,
         )
 
@@ -434,8 +479,10 @@ def import_weights(
     )
     if format == "onnx":
         card = replace(card, onnx=OnnxInfo(file=rel, sha256=digest, output_names=tuple(fields.get("output_names", ()))))
-    explicit = set((card_overrides or {}).get("operating_thresholds") or {})
-    return _finish_card(card, models_dir, export=export, explicit_thresholds=explicit)
+    overrides = card_overrides or {}
+    explicit = set(overrides.get("operating_thresholds") or {})
+    keep = set(overrides.get("architecture_params") or {}) | ({"input"} if "input" in overrides else set())
+    return _finish_card(card, models_dir, export=export, explicit_thresholds=explicit, keep=keep)
 
 
 def thresholds_from_checkpoint(card: ModelCard, module: Any, *, keep: Collection[str] = ()) -> ModelCard:
@@ -457,10 +504,55 @@ def thresholds_from_checkpoint(card: ModelCard, module: Any, *, keep: Collection
     return replace(card, operating_thresholds={**card.operating_thresholds, **found})
 
 
-def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_thresholds: Collection[str] = ()) -> ModelCard:
+DETECTOR_BUILD_KEYS = ("backbone", "image_size", "in_channels", "num_global_classes", "small_anchors")
+
+
+def adopt_detector_checkpoint_config(card: ModelCard, saved: dict[str, Any], *,
+                                     keep: Collection[str] = ()) -> ModelCard:
+    """Describe a detector checkpoint by what it says about itself (see
+    :func:`cxr_triage.models.detector.read_checkpoint_config`): its build config replaces the architecture
+    defaults (512 px, small anchors) in ``architecture_params`` and its input size/channels the card's input
+    spec, so a model trained with ``--image-size 384`` or ``--default-anchors`` imports as such.
+
+    ``keep``: ``architecture_params`` keys (or ``"input"``) the caller set explicitly; they stay, and a
+    contradiction with the checkpoint is then reported when the weights load. A checkpoint whose backbone is
+    not the card's architecture is refused here, naming the architecture to import it with."""
+    config = {k: v for k, v in (saved.get("config") or {}).items() if k in DETECTOR_BUILD_KEYS}
+    backbone = config.get("backbone")
+    if backbone is not None and "backbone" not in keep and card.architecture != f"retinanet-{backbone}":
+        raise ValueError(
+            f"the checkpoint was trained with backbone {backbone!r}, not {card.architecture!r}; import it with "
+            f"--architecture retinanet-{backbone}"
+        )
+    params = {**card.architecture_params, **{k: v for k, v in config.items() if k not in keep}}
+    size = int(params.get("image_size", card.input.size))
+    channels = int(params.get("in_channels", card.input.channels))
+    spec = card.input
+    if "input" not in keep:
+        saved_input = saved.get("input") or {}
+        spec = InputSpec(size=size, channels=channels,
+                         normalisation=str(saved_input.get("normalisation", spec.normalisation)),
+                         resize=str(saved_input.get("resize", spec.resize)))
+    if (spec.size, spec.channels) != (size, channels):
+        # The ONNX export and the anchors follow these two numbers; they must agree or every box is wrong.
+        raise ValueError(
+            f"input spec {spec.size} px x {spec.channels} channels contradicts the detector's image_size {size} / "
+            f"in_channels {channels}"
+        )
+    return replace(card, architecture_params=params, input=spec)
+
+
+def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_thresholds: Collection[str] = (),
+                 keep: Collection[str] = ()) -> ModelCard:
     if card.weights.format != "onnx":
         from .export import export_card_onnx, load_card_module
 
+        if card.task == "detection" and card.weights_path is not None:
+            from .detector import read_checkpoint_config
+
+            saved = read_checkpoint_config(card.weights_path)
+            if saved is not None:
+                card = adopt_detector_checkpoint_config(card, saved, keep=keep)
         module = load_card_module(card)  # validates the checkpoint: clear CheckpointError otherwise
         card = thresholds_from_checkpoint(card, module, keep=explicit_thresholds)
         if export:

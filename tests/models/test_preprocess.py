@@ -239,3 +239,104 @@ def test_transform_is_frozen_value() -> None:
     tf = Transform(0.5, 0.5, 0, 0, (200, 200), (100, 100))
     with pytest.raises(AttributeError):
         tf.scale_x = 2  # type: ignore[misc]
+
+
+# -- lossless transfer syntaxes: encoded inside the test from real radiographs, decoded bit-exactly -----------
+
+def _native_source(name: str, crop: tuple[int, int]) -> pydicom.Dataset:
+    """A real radiograph from ../shared/data as uncompressed (explicit VR LE) stored values, cropped to keep the
+    encoders quick: the 15-bit MONOCHROME1 CR (from its J2K file) or the 8-bit SIIM CR (from its JPEG)."""
+    from cxr_triage.models.preprocess import decode_dicom_pixels
+
+    ds = pydicom.dcmread(dicom(name))
+    pixels = np.ascontiguousarray(decode_dicom_pixels(ds)[: crop[0], : crop[1]])
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.Rows, ds.Columns = pixels.shape
+    ds.PixelData = pixels.tobytes()
+    ds["PixelData"].VR = "OW" if pixels.itemsize == 2 else "OB"
+    if "LossyImageCompression" in ds:
+        del ds.LossyImageCompression  # a crop of decoded pixels, re-encoded losslessly below
+    return ds
+
+
+def _encoded(native: pydicom.Dataset, ts: str) -> pydicom.Dataset:
+    """``native`` re-encoded losslessly in transfer syntax ``ts``: RLE by pydicom's own encoder; JPEG lossless
+    (process 14), JPEG-LS and JPEG 2000 by imagecodecs, encapsulated as DICOM requires."""
+    import copy
+
+    import imagecodecs
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    ds = copy.deepcopy(native)
+    pixels = ds.pixel_array
+    bits = int(ds.BitsStored)
+    if ts == RLELossless:
+        ds.compress(RLELossless)
+        return ds
+    if ts == "1.2.840.10008.1.2.4.70":  # JPEG Lossless, first-order prediction (process 14, selection value 1)
+        frame = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=1, bitspersample=bits)
+    elif ts == "1.2.840.10008.1.2.4.57":  # JPEG Lossless, process 14, any predictor: 7 = (Ra + Rb) / 2
+        frame = imagecodecs.jpeg8_encode(pixels, lossless=True, predictor=7, bitspersample=bits)
+    elif ts == "1.2.840.10008.1.2.4.80":  # JPEG-LS lossless (CharLS)
+        frame = imagecodecs.jpegls_encode(pixels)
+    elif ts == "1.2.840.10008.1.2.4.90":  # JPEG 2000 lossless (reversible 5/3 wavelet)
+        frame = imagecodecs.jpeg2k_encode(pixels, codecformat="J2K", reversible=True, bitspersample=bits)
+    else:  # pragma: no cover - parametrisation error
+        raise AssertionError(ts)
+    ds.file_meta.TransferSyntaxUID = ts
+    ds.PixelData = encapsulate([bytes(frame)])
+    ds["PixelData"].VR = "OB"
+    return ds
+
+
+LOSSLESS = {
+    "1.2.840.10008.1.2.4.70": "imagecodecs.jpeg8",  # libjpeg-turbo: the fast JPEG-lossless path
+    "1.2.840.10008.1.2.4.57": "imagecodecs.jpeg8",
+    "1.2.840.10008.1.2.4.80": "imagecodecs.jpegls",
+    "1.2.840.10008.1.2.5": "imagecodecs.dicomrle",
+    "1.2.840.10008.1.2.4.90": "imagecodecs.jpeg2k",
+}
+
+
+@pytest.fixture(scope="module", params=[("wg04-cr-chest-pa-j2k-monochrome1.dcm", (1000, 900)),
+                                        ("siim-cr-pa-jpeg-baseline.dcm", (1024, 1000))],
+                ids=["cr-15bit-mono1", "cr-8bit"])
+def native_source(request: pytest.FixtureRequest) -> pydicom.Dataset:
+    return _native_source(*request.param)
+
+
+@pytest.mark.parametrize("ts", sorted(LOSSLESS), ids=lambda ts: pydicom.uid.UID(ts).name)
+def test_lossless_transfer_syntaxes_decode_exactly(native_source: pydicom.Dataset, ts: str,
+                                                   tmp_path: Path) -> None:
+    from cxr_triage.models.preprocess import decode_dicom_pixels_and_codec
+
+    stored = native_source.pixel_array
+    assert float(stored.std()) > 10  # real content, not a flat crop
+    native_path = _save(native_source, tmp_path / "native.dcm")
+    path = _save(_encoded(native_source, ts), tmp_path / "encoded.dcm")
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == ts and len(ds.PixelData) < stored.nbytes  # really compressed
+    pixels, codec = decode_dicom_pixels_and_codec(ds)
+    assert codec == LOSSLESS[ts]  # the fast codec, not pydicom's fallback
+    assert pixels.dtype == stored.dtype and pixels.shape == stored.shape
+    np.testing.assert_array_equal(pixels, stored)
+    # the whole load (LUTs, MONOCHROME1 inversion) gives the uncompressed file's image exactly
+    np.testing.assert_array_equal(load_image(path), load_image(native_path))
+    # and the file is standard: pydicom's own decoders read the same values
+    np.testing.assert_array_equal(pydicom.dcmread(path).pixel_array, stored)
+
+
+def test_native_and_fallback_report_their_codec(tmp_path: Path) -> None:
+    """Colour RLE is not for imagecodecs' greyscale path: pydicom decodes it, and says so."""
+    from pydicom.uid import RLELossless
+
+    from cxr_triage.models.preprocess import decode_dicom_pixels_and_codec
+
+    rgb = np.random.default_rng(1).integers(0, 255, (64, 48, 3), dtype=np.uint8)
+    ds = _dataset(rgb, photometric="RGB")
+    assert decode_dicom_pixels_and_codec(ds)[1] == "numpy"
+    ds.compress(RLELossless)
+    pixels, codec = decode_dicom_pixels_and_codec(pydicom.dcmread(_save(ds, tmp_path / "rgb.dcm")))
+    assert codec == "pydicom"
+    np.testing.assert_array_equal(pixels, rgb)

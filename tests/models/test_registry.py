@@ -190,3 +190,58 @@ def test_xrv_operating_points_travel_into_the_card(tmp_path: Path) -> None:
     explicit = import_weights(path, models_dir=tmp_path / "m3", name="r3", version="1", architecture="densenet121-xrv",
                               format="xrv", card_overrides={"operating_thresholds": {"Pneumonia": 0.6}})
     assert explicit.threshold == pytest.approx(0.6)
+
+
+def _tiny_detector_checkpoint(path: Path, *, image_size: int, small_anchors: bool) -> Path:
+    from cxr_triage.models.detector import build_detector
+    from cxr_triage.models.train import save_checkpoint
+
+    torch.manual_seed(11)
+    return save_checkpoint(path, model=build_detector(backbone="tiny", image_size=image_size,
+                                                      small_anchors=small_anchors), epoch=1)
+
+
+def test_detector_import_takes_size_and_anchors_from_the_checkpoint(tmp_path: Path) -> None:
+    """A checkpoint trained at 96 px with the default (COCO) anchors: the card, its ONNX export and the anchors
+    the analyzer decodes with all follow the checkpoint, not the 512 px / small-anchor architecture defaults."""
+    import numpy as np
+
+    from cxr_triage.models.detector import detector_anchors, load_detector_checkpoint
+    from cxr_triage.models.engines import OrtEngine
+    from cxr_triage.models.evaluate import detection_params_from_card
+    from cxr_triage.models.preprocess import load_image, prepare
+
+    from .conftest import dicom
+
+    ckpt = _tiny_detector_checkpoint(tmp_path / "det96.pt", image_size=96, small_anchors=False)
+    card = import_weights(ckpt, models_dir=tmp_path / "models", name="det96", version="1",
+                          architecture="retinanet-tiny", format="detector")
+    assert card.input.size == 96 and card.input.channels == 3 and card.input.normalisation == "imagenet"
+    p = card.architecture_params
+    assert (p["backbone"], p["image_size"], p["small_anchors"]) == ("tiny", 96, False)
+    assert load_card(tmp_path / "models" / "det96.card.json").to_json() == card.to_json()
+
+    x = prepare(load_image(dicom("siim-cr-pa-jpeg-baseline.dcm")), card.input)[0][None]
+    out = OrtEngine(card.onnx_path, intra_op_threads=2).run(x)
+    _, anchors = detection_params_from_card(card)
+    expected = detector_anchors(image_size=96, small_anchors=False, backbone="tiny")
+    np.testing.assert_array_equal(anchors, expected)  # the default anchors, not the small ones
+    assert not np.array_equal(expected, detector_anchors(image_size=96, small_anchors=True, backbone="tiny"))
+    assert out["cls_logits"].shape == (1, len(expected), 1)
+    with torch.no_grad():
+        ref = load_detector_checkpoint(ckpt)(torch.from_numpy(x))
+    np.testing.assert_allclose(out["cls_logits"], ref[0].numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_detector_checkpoint_of_another_backbone_names_the_right_architecture(tmp_path: Path) -> None:
+    ckpt = _tiny_detector_checkpoint(tmp_path / "tiny.pt", image_size=64, small_anchors=True)
+    with pytest.raises(ValueError, match="--architecture retinanet-tiny"):
+        import_weights(ckpt, models_dir=tmp_path, name="d", version="1", architecture="retinanet-resnet18",
+                       format="detector")
+    assert not (tmp_path / "d.card.json").exists()
+    # an explicit override that contradicts the checkpoint is reported, not silently replaced
+    with pytest.raises(ValueError, match="conflicting"):
+        import_weights(ckpt, models_dir=tmp_path, name="d", version="1", architecture="retinanet-tiny",
+                       format="detector", card_overrides={"architecture_params": {
+                           "backbone": "tiny", "image_size": 128, "in_channels": 3, "num_global_classes": 3,
+                           "small_anchors": True}})

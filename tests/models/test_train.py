@@ -213,3 +213,34 @@ def test_cli_train_command(tmp_path):
     assert "1 iterations" in r.output and (out / "last.pt").is_file()
     state = torch.load(out / "last.pt", weights_only=False)
     assert state["train_config"]["box_loss"] == "giou" and state["config"]["backbone"] == "tiny"
+
+
+def test_cli_trained_checkpoint_with_non_default_config_imports(tmp_path):
+    """`models train --image-size 96 --default-anchors` then `models import`: the card describes what was trained
+    (it used to be refused with "conflicting arguments" against the 512 px / small-anchor defaults)."""
+    from typer.testing import CliRunner
+
+    from cxr_triage.cli import app
+    from cxr_triage.models.registry import find_card
+
+    img_dir, labels = _write_png_dataset(tmp_path)
+    out = tmp_path / "run"
+    runner = CliRunner()
+    r = runner.invoke(app, ["models", "train", "--images", str(img_dir), "--labels", str(labels), "--out", str(out),
+                            "--backbone", "tiny", "--image-size", "96", "--default-anchors", "--max-iterations", "1",
+                            "--batch-size", "2", "--threads", "1", "--no-augment"])
+    assert r.exit_code == 0, r.output
+    models_dir = tmp_path / "models"
+    r = runner.invoke(app, ["models", "import", str(out / "last.pt"), "--name", "trained96", "--version", "1",
+                            "--architecture", "retinanet-tiny", "--format", "detector",
+                            "--models-dir", str(models_dir)])
+    assert r.exit_code == 0, r.output
+    card = find_card(models_dir, "trained96")
+    assert card.input.size == 96
+    assert card.architecture_params["image_size"] == 96 and card.architecture_params["small_anchors"] is False
+    assert card.onnx is not None and card.onnx_path.is_file()
+    # the wrong architecture is refused with the one to use, through the CLI too
+    r = runner.invoke(app, ["models", "import", str(out / "last.pt"), "--name", "wrong", "--version", "1",
+                            "--architecture", "retinanet-resnet50", "--format", "detector",
+                            "--models-dir", str(models_dir)])
+    assert r.exit_code == 1 and "--architecture retinanet-tiny" in r.output
