@@ -287,8 +287,19 @@ def _print_table(records: list[dict]) -> None:  # type: ignore[type-arg]
     for column in columns:
         table.add_column(column)
     for rec in records:
-        table.add_row(*("" if rec.get(c) is None else str(rec.get(c)) for c in columns))
+        table.add_row(*(_table_cell(rec.get(c)) for c in columns))
     Console(width=200).print(table)
+
+
+def _table_cell(value: object) -> str:
+    """A table is for people: scores to three decimals, times to the second (json/csv keep full precision)."""
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    if isinstance(value, str) and len(value) > 19 and value[10:11] == "T" and value[4:5] == "-":
+        return value[:19].replace("T", " ") + " UTC" if value.endswith("+00:00") else value
+    return str(value)
 
 
 # ---------------------------------------------------------------------------------------------- send

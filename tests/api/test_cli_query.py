@@ -159,6 +159,13 @@ def test_table_format(seeded: dict[str, int], run: Any) -> None:
     row = [c.strip() for c in re.split("[│┃]", lines[1])[1:-1]]
     assert row[0] == str(seeded["failed"]) and row[2] == "failed" and row[7] == "decode-failed"
     assert len(lines) == 2 and "P-3" not in out
+    # Scores and times are rounded for reading; json keeps the full value.
+    code, out, _ = run("--format", "table", "--min-score", "0")
+    lines = [line for line in out.splitlines() if "│" in line]
+    scores = [c.strip() for line in lines for c in re.split("│", line)[4:5]]
+    assert scores and all(re.fullmatch(r"\d\.\d{3}", s) for s in scores), scores
+    times = [re.split("│", line)[2].strip() for line in lines]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", t) for t in times), times
     code, out, _ = run("--include-phi", "--patient-id", "P-3")
     assert code == 0 and "accession_number" in out and "A-4" in out and "P-3" in out
 
