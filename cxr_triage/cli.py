@@ -136,6 +136,10 @@ def work(
         typer.echo("loading models ...")
         deps = context_for(celery).analysis_deps()  # load before consuming: the first image shouldn't wait
         typer.echo(f"models ready: {deps.analyzer.model_version}{' (UNTRAINED DEMO MODEL)' if deps.analyzer.demo else ''}")
+    from cxr_triage.worker.watchdog import install_watchdog
+
+    # The threads pool ignores task_time_limit; this makes an overrunning task end the process as prefork would.
+    install_watchdog(celery, limit_s=settings.task_time_limit_s)
     threads = concurrency or (max(settings.batch_size, 2) if "analyze" in wanted else 4)
     argv = ["worker", "-Q", ",".join(wanted), "-P", "threads", "-c", str(threads), "--loglevel", "WARNING",
             "-n", f"{'-'.join(wanted)}@%h", "--without-gossip", "--without-mingle"]
