@@ -29,6 +29,14 @@ except ImportError as _exc:  # pragma: no cover - only when optional model deps 
 log = get_logger("cxr_triage.cli")
 
 
+def _process_start() -> None:
+    """Every long-running process (up, listen, work, api): PHI-free logging and one pydicom configuration."""
+    from cxr_triage.core.dicom_config import configure_pydicom
+
+    configure_logging()
+    configure_pydicom()
+
+
 def _settings() -> Settings:
     try:
         settings = load_settings()
@@ -71,7 +79,7 @@ def _require_schema(settings: Settings) -> None:
 @app.command()
 def up() -> None:
     """Run everything on embedded defaults: bundled Redis, SQLite, listener, workers, web UI."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     from cxr_triage.db.migrate import upgrade
     from cxr_triage.supervisor import run_up
@@ -88,7 +96,7 @@ def up() -> None:
 @app.command()
 def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener processes sharing the port (SO_REUSEPORT).")] = 1) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE)."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
     from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
@@ -124,7 +132,7 @@ def work(
     concurrency: Annotated[Optional[int], typer.Option(help="Threads; default: batch size for analyze, 4 otherwise.")] = None,
 ) -> None:
     """Run a Celery worker."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
     from cxr_triage.worker.celery_app import make_celery
@@ -151,7 +159,7 @@ def work(
 @app.command()
 def api() -> None:
     """Serve the web UI and the results API."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
     import uvicorn

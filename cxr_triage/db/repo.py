@@ -324,9 +324,32 @@ def studies_due_for_report(session: Session, *, stable_before: datetime) -> list
     """Studies whose images are all terminal, quiet since `stable_before`, with analysed images that no SR of
     the current model version covers yet."""
     candidates = session.scalars(
-        select(Study).where(Study.state == StudyState.ANALYSED, Study.last_received_at <= stable_before)
+        select(Study).where(
+            Study.state == StudyState.ANALYSED,
+            Study.last_received_at <= stable_before,
+            # A permanent build failure is not retried until an image arrives after it.
+            or_(Study.report_failure.is_(None), Study.report_failed_at < Study.last_received_at),
+        )
     ).all()
     return [s.id for s in candidates if report_plan(session, study_id=s.id) is not None]
+
+
+def report_failed_for_current_images(study: Study) -> bool:
+    """True while the study's last SR build failed permanently and no image arrived since."""
+    return (
+        study.report_failure is not None
+        and study.report_failed_at is not None
+        and study.report_failed_at >= study.last_received_at
+    )
+
+
+def record_report_failure(session: Session, *, study_id: int, reason: str, now: datetime) -> None:
+    """Record a permanent SR build failure (a reason code, never a value); commits."""
+    session.rollback()  # whatever the failed build had pending is not to be committed
+    session.execute(
+        update(Study).where(Study.id == study_id).values(report_failure=reason[:64], report_failed_at=now)
+    )
+    session.commit()
 
 
 @dataclass(frozen=True)
@@ -409,6 +432,8 @@ def add_report(
         study = session.get(Study, plan.study_id)
         if study is not None:
             study.sr_generated_at = now
+            study.report_failure = None
+            study.report_failed_at = None
         session.commit()
     except IntegrityError:
         session.rollback()

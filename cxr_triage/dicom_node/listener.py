@@ -57,7 +57,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydicom import config as pydicom_config
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -68,6 +67,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
+from cxr_triage.core.dicom_config import configure_pydicom
 from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Settings
 from cxr_triage.core.uids import derive_uid
@@ -489,7 +489,8 @@ def build_ae(
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it dumps data sets (PHI) at DEBUG
     # Received headers are validated by us where it matters (UIDs); pydicom's value warnings quote values (PHI).
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    # The one process-wide configuration (also applied by the CLI at start), here too for embedded use.
+    configure_pydicom()
     _config.STORE_RECV_CHUNKED_DATASET = True
     _dimse_messages.NamedTemporaryFile = _spool_tempfile  # type: ignore[attr-defined]
 

@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_triage.core.errors import RetryableError
 from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Destination
-from cxr_triage.core.states import NotAnalysedReason, OutboxState
+from cxr_triage.core.states import NotAnalysedReason, OutboxState, ReportFailure
 from cxr_triage.core.uids import derive_uid
 from cxr_triage.db import repo
 from cxr_triage.db.tables import StructuredReport, Study
@@ -182,8 +182,22 @@ def sr_file_name(sop_instance_uid: str) -> str:
     return f"{digest[-2:]}/{digest}.dcm"
 
 
+class _ReportNotBuilt(Exception):
+    """The SR for a study cannot be built from its inputs (permanent). Carries a reason code, never a value."""
+
+    def __init__(self, reason: ReportFailure, error: str) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.error = error  # the exception type only
+
+
 def build_report(study_id: int, deps: ReportDeps) -> list[int]:
-    """Make the next SR of a study if one is due; returns the new outbox ids ([] if nothing to do)."""
+    """Make the next SR of a study if one is due; returns the new outbox ids ([] if nothing to do).
+
+    A permanent failure (a source header unreadable, an input the builder refuses, an SR that cannot be encoded)
+    is recorded on the study with a reason code and not retried until another image arrives; database and disk
+    errors propagate as before (transient: the task retries, the tick tries again).
+    """
     from cxr_triage.dicom_node import sr as srmod  # SR building needs highdicom; import where used
 
     with deps.session_factory() as session:
@@ -192,11 +206,54 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
             return []
         study = session.get(Study, study_id)
         assert study is not None
+        if repo.report_failed_for_current_images(study):
+            return []
         sources = repo.report_sources(session, plan=plan)
+        predecessor_row = None if plan.predecessor_id is None else session.get(StructuredReport, plan.predecessor_id)
+        try:
+            ds, data = _compose_report(srmod, plan, sources, predecessor_row, deps)
+        except _ReportNotBuilt as exc:
+            repo.record_report_failure(session, study_id=study_id, reason=exc.reason, now=deps.clock())
+            log.error("report not built", study=study_id, reason=exc.reason.value, error=exc.error)
+            return []
+        file_name = sr_file_name(str(ds.SOPInstanceUID))
+        fsync_write(deps.sr_dir / file_name, data)
+        created = repo.add_report(
+            session,
+            plan=plan,
+            sop_instance_uid=str(ds.SOPInstanceUID),
+            series_instance_uid=str(ds.SeriesInstanceUID),
+            file_name=file_name,
+            destinations=[str(d) for d in deps.destinations],
+            now=deps.clock(),
+        )
+    if created is None:
+        return []
+    report_id, outbox_ids = created
+    log.info("report created", study=study_id, report=report_id, revision=plan.revision, outbox=len(outbox_ids))
+    return outbox_ids
+
+
+def _compose_report(
+    srmod: Any, plan: repo.ReportPlan, sources: Sequence[tuple[Any, Any]], predecessor_row: Any, deps: ReportDeps
+) -> tuple[pydicom.Dataset, bytes]:
+    """Source headers + analyses -> the SR data set and its file bytes. Raises only _ReportNotBuilt.
+
+    Exceptions from pydicom and highdicom quote header values: only their type leaves this function.
+    """
+    headers = []
+    try:
+        for inst, _ in sources:
+            headers.append(pydicom.dcmread(spool_path(deps.spool_dir, inst.spool_name), stop_before_pixels=True))
+        prev_header = None
+        if predecessor_row is not None:
+            prev_header = pydicom.dcmread(deps.sr_dir / predecessor_row.file_name, stop_before_pixels=True)
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.SOURCE_UNREADABLE, type(exc).__name__) from None
+    try:
         findings = []
         demo = False
-        for inst, analysis in sources:
-            header = pydicom.dcmread(spool_path(deps.spool_dir, inst.spool_name), stop_before_pixels=True)
+        for header, (_, analysis) in zip(headers, sources, strict=True):
             demo = demo or analysis.demo_model
             findings.append(
                 srmod.ImageFindings(
@@ -208,13 +265,11 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
                 )
             )
         predecessor = None
-        if plan.predecessor_id is not None:
-            prev = session.get(StructuredReport, plan.predecessor_id)
-            assert prev is not None
-            prev_header = pydicom.dcmread(deps.sr_dir / prev.file_name, stop_before_pixels=True)
+        if predecessor_row is not None:
+            assert prev_header is not None
             predecessor = srmod.Predecessor(
-                sop_instance_uid=prev.sop_instance_uid,
-                series_instance_uid=prev.series_instance_uid,
+                sop_instance_uid=predecessor_row.sop_instance_uid,
+                series_instance_uid=predecessor_row.series_instance_uid,
                 sop_class_uid=str(prev_header.SOPClassUID),
             )
         # Deterministic content time: the newest analysis this SR covers, so a rebuild is byte-identical.
@@ -232,22 +287,14 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
             predecessor=predecessor,
             content_datetime=content_dt,
         )
-        file_name = sr_file_name(str(ds.SOPInstanceUID))
-        fsync_write(deps.sr_dir / file_name, srmod.sr_file_bytes(ds))
-        created = repo.add_report(
-            session,
-            plan=plan,
-            sop_instance_uid=str(ds.SOPInstanceUID),
-            series_instance_uid=str(ds.SeriesInstanceUID),
-            file_name=file_name,
-            destinations=[str(d) for d in deps.destinations],
-            now=deps.clock(),
-        )
-    if created is None:
-        return []
-    report_id, outbox_ids = created
-    log.info("report created", study=study_id, report=report_id, revision=plan.revision, outbox=len(outbox_ids))
-    return outbox_ids
+    except ValueError as exc:
+        raise _ReportNotBuilt(ReportFailure.INVALID_INPUT, type(exc).__name__) from None
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.BUILD_FAILED, type(exc).__name__) from None
+    try:
+        return ds, srmod.sr_file_bytes(ds)
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.BUILD_FAILED, type(exc).__name__) from None
 
 
 def due_reports(deps: ReportDeps) -> list[int]:

@@ -7,6 +7,7 @@ or header values.
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -14,8 +15,9 @@ from typing import Any
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Celery
+from celery.exceptions import Ignore, Reject, Retry
 
-from cxr_triage.core.errors import RetryableError
+from cxr_triage.core.errors import PermanentError, RetryableError
 from cxr_triage.core.logging import get_logger
 from cxr_triage.worker import pipeline
 from cxr_triage.worker.celery_app import (
@@ -35,7 +37,7 @@ RETRY_ON = (RetryableError, sqlalchemy.exc.OperationalError, redis.exceptions.Co
 
 
 def cxr_task(app: Celery, name: str, *, max_retries: int = 5) -> Callable[[Callable[..., Any]], Any]:
-    return app.task(
+    register = app.task(
         name=name,
         bind=True,
         acks_late=True,
@@ -45,6 +47,25 @@ def cxr_task(app: Celery, name: str, *, max_retries: int = 5) -> Callable[[Calla
         retry_jitter=True,
         max_retries=max_retries,
     )
+
+    def decorator(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RETRY_ON:
+                raise  # retried with backoff by Celery
+            except (Retry, Ignore, Reject):
+                raise
+            except Exception as exc:
+                # Celery logs a failed task's exception with its message, and library messages quote header
+                # values (PHI). Never retried: report the type only, drop the original (and its traceback text).
+                log.error("task failed", task=name, error=type(exc).__name__)
+                raise PermanentError(f"{name} failed: {type(exc).__name__}") from None
+
+        return register(run)
+
+    return decorator
 
 
 _tick_lock = threading.Lock()
