@@ -73,8 +73,9 @@ _tick_lock = threading.Lock()
 
 def register_tasks(app: Celery) -> None:
     def publish_analyze(instance_id: int) -> None:
-        # Bounded: the listener calls this before answering the C-STORE. If the broker is down the row is
-        # already committed and the reconciler re-queues it, so waiting longer would only stall the modality.
+        # Bounded: the listener's one publisher thread calls this after answering the C-STORE, and the reconciler
+        # calls it in a loop. If the broker is down the row is committed and stays RECEIVED/QUEUED for the next
+        # reconcile round, so waiting longer would only build a backlog behind one dead broker.
         app.send_task(
             TASK_ANALYZE,
             kwargs={"instance_id": instance_id},
