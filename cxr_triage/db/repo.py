@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -304,19 +305,71 @@ def refresh_study(session: Session, *, study: Study) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reconcile
-def unfinished_instances(session: Session, *, now: datetime, grace: timedelta, lease: timedelta) -> list[int]:
+def _unfinished_filter(*, now: datetime, grace: timedelta, lease: timedelta, requeue_after: timedelta | None) -> Any:
+    waiting = and_(
+        Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]), Instance.received_at < now - grace
+    )
+    abandoned = or_(
+        and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until < now),
+        # Claims taken before leases were renewable (schema 0003) carry no lease_until.
+        and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until.is_(None),
+             Instance.started_at < now - lease),
+    )
+    if requeue_after is None:
+        return or_(waiting, abandoned)
+    # Published (by the listener or an earlier round) within `requeue_after`: its message is most likely still in
+    # the broker; publishing it again every round would copy a whole backlog into the queue each interval.
+    not_recent = or_(Instance.queued_at.is_(None), Instance.queued_at < now - requeue_after)
+    # An abandoned claim consumed the message it was queued with (queued before the claim started): it needs a
+    # new one now, not `requeue_after` later.
+    consumed = Instance.queued_at <= Instance.started_at
+    return or_(and_(waiting, not_recent), and_(abandoned, or_(not_recent, consumed)))
+
+
+def unfinished_instances(
+    session: Session,
+    *,
+    now: datetime,
+    grace: timedelta,
+    lease: timedelta,
+    requeue_after: timedelta | None = None,
+    limit: int | None = None,
+) -> list[int]:
     """Instances that should be in the queue but may not be: received/queued for longer than `grace`,
-    or analysing with an expired lease (its worker died)."""
-    stmt = select(Instance.id).where(
-        or_(
-            and_(Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]), Instance.received_at < now - grace),
-            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until < now),
-            # Claims taken before leases were renewable (schema 0003) carry no lease_until.
-            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until.is_(None),
-                 Instance.started_at < now - lease),
-        )
-    ).order_by(Instance.id)
+    or analysing with an expired lease (its worker died); with `requeue_after`, only those not (re)queued
+    within it. Oldest first (by when they were last queued), at most `limit`."""
+    stmt = (
+        select(Instance.id)
+        .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
+        .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
+    )
+    if limit is not None:
+        stmt = stmt.limit(limit)
     return list(session.scalars(stmt))
+
+
+def take_for_requeue(
+    session: Session, *, now: datetime, grace: timedelta, lease: timedelta, requeue_after: timedelta, limit: int
+) -> list[int]:
+    """The reconciler's batch: pick at most `limit` unfinished instances not (re)queued within `requeue_after`,
+    stamp them queued now (RECEIVED -> QUEUED; `queued_at` = now, so the next rounds skip them), commit, and
+    return their ids for the caller to publish. Rows another transaction holds locked are skipped (PostgreSQL:
+    SKIP LOCKED), so the reconciler never waits behind a worker's claim."""
+    stmt = (
+        select(Instance)
+        .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
+        .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = list(session.scalars(stmt))
+    for inst in rows:
+        inst.queued_at = now
+        if inst.state == InstanceState.RECEIVED:
+            inst.state = InstanceState.QUEUED
+    ids = [inst.id for inst in rows]
+    session.commit()
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------- results

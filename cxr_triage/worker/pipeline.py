@@ -372,7 +372,16 @@ def due_deliveries(deps: DeliveryDeps) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- reconcile
 def instances_to_requeue(
-    session_factory: sessionmaker[Session], *, grace: timedelta, lease: timedelta, clock: Clock = utcnow
+    session_factory: sessionmaker[Session],
+    *,
+    grace: timedelta,
+    lease: timedelta,
+    requeue_after: timedelta | None = None,
+    limit: int = 500,
+    clock: Clock = utcnow,
 ) -> list[int]:
+    """The reconciler's next batch, already stamped as queued (see :func:`repo.take_for_requeue`)."""
     with session_factory() as session:
-        return repo.unfinished_instances(session, now=clock(), grace=grace, lease=lease)
+        return repo.take_for_requeue(
+            session, now=clock(), grace=grace, lease=lease, requeue_after=requeue_after or grace, limit=limit
+        )

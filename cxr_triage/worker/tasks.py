@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+from datetime import timedelta
 from collections.abc import Callable
 from typing import Any
 
@@ -135,16 +136,23 @@ def register_tasks(app: Celery) -> None:
     def reconcile(self: Any) -> int:
         """Re-queue anything received but unfinished: the database, not Redis, is the record of work."""
         ctx = context_for(self.app)
-        grace = max(2 * ctx.settings.reconcile_interval_s, 5.0)
-        from datetime import timedelta
-
+        grace = timedelta(seconds=max(2 * ctx.settings.reconcile_interval_s, 5.0))
+        # Rows (re)queued within the grace (two intervals) are left alone: their message is most likely still in
+        # the broker. The batch is bounded, oldest first, so a large backlog is worked through round by round.
         ids = pipeline.instances_to_requeue(
-            ctx.session_factory, grace=timedelta(seconds=grace), lease=ctx.lease
+            ctx.session_factory, grace=grace, lease=ctx.lease, requeue_after=grace,
+            limit=ctx.settings.reconcile_batch,
         )
+        published = 0
         for instance_id in ids:
-            publish_analyze(instance_id)
+            try:
+                publish_analyze(instance_id)
+                published += 1
+            except Exception as exc:  # broker down: the rows stay unfinished and come back in a later round
+                log.warning("reconciler publish failed", error=type(exc).__name__, remaining=len(ids) - published)
+                break
         if ids:
-            log.warning("reconciler re-queued instances", count=len(ids))
-        return len(ids)
+            log.warning("reconciler re-queued instances", count=published, batch=len(ids))
+        return published
 
     app.cxr_publish_analyze = publish_analyze  # type: ignore[attr-defined]
