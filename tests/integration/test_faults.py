@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import time
 from collections import Counter
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pydicom
@@ -17,15 +20,22 @@ from cxr_triage.core.states import InstanceState
 from cxr_triage.dicom_node.netutil import free_port
 from tests.dicomize import nih_pngs, png_to_dx
 from tests.integration.service import DCMTK_STORESCU, Service, storescu, wait_until
-from tests.peers import run_storescp
+from tests.peers import run_storescp, storescp_receptions, storescp_receptions_log
 
 pytestmark = pytest.mark.slow
 
 
+@dataclass(frozen=True)
+class Pacs:
+    destination: str
+    out: Path  # files as storescp stored them (one per SOP Instance UID: a resend overwrites)
+    receptions: Path  # one line per C-STORE storescp received
+
+
 @pytest.fixture
-def pacs(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    with run_storescp(tmp_path / "pacs", ae="PACS") as (host, port, out):
-        yield f"PACS@{host}:{port}", out
+def pacs(tmp_path: Path) -> Iterator[Pacs]:
+    with run_storescp(tmp_path / "pacs", ae="PACS", log_receptions=True) as (host, port, out):
+        yield Pacs(f"PACS@{host}:{port}", out, storescp_receptions_log(tmp_path / "pacs", port))
 
 
 def dx_inputs(tmp_path: Path, n: int) -> list[Path]:
@@ -36,22 +46,29 @@ def sr_studies(out: Path) -> Counter[str]:
     return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in out.rglob("*") if p.is_file())
 
 
-def assert_nothing_lost(svc: Service, files: list[Path], pacs_out: Path) -> None:
+def assert_nothing_lost(svc: Service, files: list[Path], pacs: Pacs) -> None:
     expected = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in files}
     wait_until(lambda: svc.all_terminal(len(files)), timeout=240, what="every instance terminal")
     states = svc.instance_states()
     assert len(states) == len(files)
     assert all(state == InstanceState.ANALYSED for _, state, _ in states), states
-    wait_until(lambda: set(sr_studies(pacs_out)) == expected, timeout=120, what="one SR per study at the PACS")
+    wait_until(lambda: set(sr_studies(pacs.out)) == expected, timeout=120, what="one SR per study at the PACS")
     wait_until(lambda: svc.pending_outbox() == 0, timeout=60, what="empty outbox")
-    counts = sr_studies(pacs_out)
+    counts = sr_studies(pacs.out)
     assert all(n == 1 for n in counts.values()), counts
-    assert len(svc.reports()) == len(expected)
+    reports = svc.reports()
+    assert len(reports) == len(expected)
+    # Exactly once per SR UID at this destination, counted in C-STOREs received (a resend would overwrite the
+    # file and go unseen above). storescp logs each reception from a child process: give the lines a moment.
+    sr_uids = {r.sop_instance_uid for r in reports}
+    wait_until(lambda: set(storescp_receptions(pacs.receptions)) == sr_uids, timeout=30, what="reception log")
+    time.sleep(1.0)
+    received = storescp_receptions(pacs.receptions)
+    assert set(received) == sr_uids and all(n == 1 for n in received.values()), received
 
 
-def test_worker_killed_mid_batch(tmp_path: Path, demo_models_cache: Path, pacs: tuple[str, Path]) -> None:
-    dest, out = pacs
-    svc = Service(tmp_path, demo_models_cache, pacs=dest)
+def test_worker_killed_mid_batch(tmp_path: Path, demo_models_cache: Path, pacs: Pacs) -> None:
+    svc = Service(tmp_path, demo_models_cache, pacs=pacs.destination)
     files = dx_inputs(tmp_path, 8)
     with svc.running():
         svc.start()
@@ -60,12 +77,11 @@ def test_worker_killed_mid_batch(tmp_path: Path, demo_models_cache: Path, pacs: 
                    interval=0.05, what="a batch in flight")
         svc.kill_part("analyze", signal.SIGKILL)
         svc.start_part("analyze")
-        assert_nothing_lost(svc, files, out)
+        assert_nothing_lost(svc, files, pacs)
 
 
-def test_redis_restart_and_redis_data_loss(tmp_path: Path, demo_models_cache: Path, pacs: tuple[str, Path]) -> None:
-    dest, out = pacs
-    svc = Service(tmp_path, demo_models_cache, pacs=dest)
+def test_redis_restart_and_redis_data_loss(tmp_path: Path, demo_models_cache: Path, pacs: Pacs) -> None:
+    svc = Service(tmp_path, demo_models_cache, pacs=pacs.destination)
     files = dx_inputs(tmp_path, 6)
     with svc.running():
         svc.start("listener", "deliver")  # no analyze worker yet: tasks wait in Redis
@@ -82,7 +98,7 @@ def test_redis_restart_and_redis_data_loss(tmp_path: Path, demo_models_cache: Pa
             shutil.rmtree(f) if f.is_dir() else f.unlink()
         svc.redis.start()
         svc.start_part("analyze")
-        assert_nothing_lost(svc, files, out)
+        assert_nothing_lost(svc, files, pacs)
 
 
 def test_pacs_down_then_up(tmp_path: Path, demo_models_cache: Path) -> None:
@@ -94,19 +110,15 @@ def test_pacs_down_then_up(tmp_path: Path, demo_models_cache: Path) -> None:
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
         wait_until(lambda: any(o.attempts >= 1 and o.state == "pending" for o in svc.outbox()), timeout=180,
                    what="a failed delivery attempt while the PACS is down")
-        with run_storescp(tmp_path / "late-pacs", ae="PACS", port=port) as (_, _, out):
-            assert_nothing_lost(svc, files, out)
+        with run_storescp(tmp_path / "late-pacs", ae="PACS", port=port, log_receptions=True) as (_, _, out):
+            assert_nothing_lost(svc, files, Pacs(svc.pacs, out, storescp_receptions_log(tmp_path / "late-pacs", port)))
         items = svc.outbox()
         assert all(o.state == "sent" for o in items)
         assert any(o.attempts >= 2 for o in items), "delivery was retried after the PACS came back"
 
 
-def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, pacs: tuple[str, Path]) -> None:
-    import subprocess
-    import time
-
-    dest, out = pacs
-    svc = Service(tmp_path, demo_models_cache, pacs=dest)
+def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, pacs: Pacs) -> None:
+    svc = Service(tmp_path, demo_models_cache, pacs=pacs.destination)
     files = dx_inputs(tmp_path, 10)
     with svc.running():
         svc.start()
@@ -123,4 +135,4 @@ def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, 
         svc.start_part("listener")
         # The modality resends the whole series (as modalities do after an aborted association).
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
-        assert_nothing_lost(svc, files, out)
+        assert_nothing_lost(svc, files, pacs)
