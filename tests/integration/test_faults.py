@@ -4,9 +4,13 @@ exactly one SR per study per model version, and nothing lost."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import shutil
 import signal
+import socket
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -15,8 +19,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import redis
 
 from cxr_triage.core.states import InstanceState
+from cxr_triage.db.migrate import upgrade
 from cxr_triage.dicom_node.netutil import free_port
 from tests.dicomize import nih_pngs, png_to_dx
 from tests.integration.service import DCMTK_STORESCU, Service, storescu, wait_until
@@ -136,3 +142,106 @@ def test_listener_restarted_mid_stream(tmp_path: Path, demo_models_cache: Path, 
         # The modality resends the whole series (as modalities do after an aborted association).
         assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
         assert_nothing_lost(svc, files, pacs)
+
+
+@contextlib.contextmanager
+def silent_broker() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers: a hung broker (worse than a refused one)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.2)
+    held: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        while not stop.is_set():
+            try:
+                held.append(server.accept()[0])
+            except (TimeoutError, OSError):
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        for conn in held:
+            conn.close()
+        server.close()
+
+
+def test_broker_unreachable_at_receive_answers_at_once_and_the_reconciler_queues_later(
+    tmp_path: Path, demo_models_cache: Path
+) -> None:
+    """Commit, answer, then publish: with the listener's broker hanging, C-STORE still answers 0x0000 at once; the
+    rows stay RECEIVED and the reconciler queues them from the database."""
+    from tests.dicom_node.listener_support import pynetdicom_store
+
+    svc = Service(tmp_path, demo_models_cache)
+    files = dx_inputs(tmp_path, 3)
+    with svc.running(), silent_broker() as port:
+        upgrade(svc.db_url)
+        svc.start_part("listener", env={"CXR_REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+        for f in files:
+            started = time.monotonic()
+            assert pynetdicom_store(svc.dicom_port, f) == 0
+            assert time.monotonic() - started < 1.0, "the C-STORE answer waited for the broker"
+        time.sleep(1.0)
+        states = svc.instance_states()
+        assert [s for _, s, _ in states] == [InstanceState.RECEIVED] * 3, states
+        assert svc.redis is not None
+        svc.redis.start()
+        svc.start_part("deliver")  # its beat runs the reconciler every CXR_RECONCILE_INTERVAL_S
+        wait_until(lambda: all(s == InstanceState.QUEUED for _, s, _ in svc.instance_states()), timeout=60,
+                   what="the reconciler queueing the received rows")
+        client = redis.Redis(unix_socket_path=str(svc.redis.socket_path))
+        queued = [json.loads(m)["headers"]["task"] for m in client.lrange("analyze", 0, -1)]
+        assert queued.count("cxr.analyze") >= 3
+
+
+def test_hung_task_exits_the_worker_and_the_image_is_analysed_after_restart(
+    tmp_path: Path, demo_models_cache: Path
+) -> None:
+    """A task that hangs (here: the analysis claim blocked behind a row lock the test holds on PostgreSQL) makes
+    the threads-pool worker exit with the watchdog's code at CXR_TASK_TIME_LIMIT_S; restarted, as `up` and
+    systemd do, it analyses the image (re-queued by the reconciler)."""
+    from sqlalchemy import text
+
+    from cxr_triage.db.session import make_engine
+    from cxr_triage.worker.watchdog import EXIT_TASK_TIME_LIMIT
+    from tests.databases import postgres_database
+
+    with postgres_database() as url:
+        svc = Service(tmp_path, demo_models_cache, database_url=url, extra_env={"CXR_TASK_TIME_LIMIT_S": "10"})
+        files = dx_inputs(tmp_path, 1)
+        header = pydicom.dcmread(files[0], stop_before_pixels=True)
+        with svc.running():
+            svc.start("listener", "deliver")
+            assert all(r.returncode == 0 for r in storescu(svc.dicom_port, files))
+            wait_until(lambda: [s for _, s, _ in svc.instance_states()] == [InstanceState.QUEUED], timeout=30,
+                       what="the image queued")
+            ((iid, _, _),) = svc.instance_states()
+            engine = make_engine(url)
+            try:
+                with engine.connect() as conn:
+                    tx = conn.begin()
+                    conn.execute(text("SELECT id FROM instances WHERE id = :i FOR UPDATE"), {"i": iid})
+                    started = time.monotonic()
+                    svc.start_part("analyze")
+                    worker = svc.procs.pop("analyze")
+                    code = worker.wait(timeout=180)
+                    elapsed = time.monotonic() - started
+                    tx.rollback()
+            finally:
+                engine.dispose()
+            assert code == EXIT_TASK_TIME_LIMIT
+            assert elapsed >= 10
+            log = (tmp_path / "analyze.log").read_text(errors="replace")
+            assert "hard time limit" in log and "cxr.analyze" in log
+            for value in (str(header.PatientName), str(header.PatientID), str(header.AccessionNumber),
+                          str(header.SOPInstanceUID)):
+                assert value not in log
+            svc.start_part("analyze")  # what the supervisor of `cxr-triage up` (or systemd) does next
+            wait_until(lambda: [s for _, s, _ in svc.instance_states()] == [InstanceState.ANALYSED], timeout=180,
+                       what="the image analysed after the restart")
