@@ -7,6 +7,7 @@ deliver:          one outbox row -> C-STORE to its destination -> sent / retry l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -166,6 +167,25 @@ def study_of(session_factory: sessionmaker[Session], instance_id: int) -> int | 
 
 
 # ---------------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class AlgorithmLabel:
+    """How an SR names the algorithm that produced a model version's results."""
+
+    name: str
+    version: str  # at most 64 characters (DICOM LO)
+
+
+def fallback_algorithm_label(model_version: str, demo: bool) -> AlgorithmLabel:
+    """The label when the model cards of `model_version` are not at hand: the analyzer's own formula
+    (:class:`cxr_triage.models.analyzer.Analyzer`), so the demo mark is never lost."""
+    from cxr_triage.models.analyzer import ALGORITHM_NAME
+
+    version = model_version
+    if len(version) > 64:  # as Analyzer.algorithm_version
+        version = version[:47] + "~" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    return AlgorithmLabel(name=("UNTRAINED DEMO MODEL - " if demo else "") + ALGORITHM_NAME, version=version)
+
+
 @dataclass
 class ReportDeps:
     session_factory: sessionmaker[Session]
@@ -173,7 +193,9 @@ class ReportDeps:
     sr_dir: Path
     destinations: Sequence[Destination]
     stable: timedelta
-    algorithm_name: str = "cxr-triage pneumonia triage"
+    # (model version, any analysis from a demo model) -> name and version; the worker context reads them from
+    # the model cards (Analyzer.algorithm_name), so an SR says what the analyzer says, UNTRAINED DEMO MODEL too.
+    algorithm: Callable[[str, bool], AlgorithmLabel] = fallback_algorithm_label
     clock: Clock = utcnow
 
 
@@ -274,12 +296,8 @@ def _compose_report(
             )
         # Deterministic content time: the newest analysis this SR covers, so a rebuild is byte-identical.
         content_dt = max(analysis.created_at for _, analysis in sources)
-        algorithm = srmod.AlgorithmInfo(
-            name=deps.algorithm_name,
-            version=plan.model_version,
-            model_version=plan.model_version,
-            demo=demo,
-        )
+        label = deps.algorithm(plan.model_version, demo)
+        algorithm = srmod.AlgorithmInfo(name=label.name, version=label.version, model_version=label.version, demo=demo)
         ds = srmod.build_study_sr(
             findings=findings,
             algorithm=algorithm,

@@ -3,6 +3,7 @@ valid SR (dciodvfy) and no header value reaches a log; a permanently failing bui
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import shutil
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import highdicom as hd
 import pydicom
 import pytest
 from pydicom import config as pydicom_config
@@ -23,14 +25,22 @@ from structlog.testing import capture_logs
 
 from cxr_triage.core.contracts import ReceivedObject
 from cxr_triage.core.dicom_config import QUIET_LIBRARIES, configure_pydicom
-from cxr_triage.core.settings import Destination
+from cxr_triage.core.settings import Destination, Settings
 from cxr_triage.core.states import ReportFailure
 from cxr_triage.db import repo
 from cxr_triage.db.migrate import upgrade
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.db.tables import OutboxItem, StructuredReport, Study
 from cxr_triage.dicom_node.headers import read_header, received_object
-from cxr_triage.worker.pipeline import ReportDeps, build_report, due_reports
+from cxr_triage.models.analyzer import build_analyzer
+from cxr_triage.worker.context import WorkerContext
+from cxr_triage.worker.pipeline import (
+    AlgorithmLabel,
+    ReportDeps,
+    build_report,
+    due_reports,
+    fallback_algorithm_label,
+)
 from tests.dicomize import DICOM_FILES
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -68,7 +78,7 @@ class Env:
     deps: ReportDeps
     now: list[datetime]  # the pipeline's clock: now[0]
 
-    def receive(self, path: Path, *, at: datetime = T0) -> int:
+    def receive(self, path: Path, *, at: datetime = T0, model_version: str = "demo-cls@1") -> int:
         """What the listener does: spool under the content hash, record from the header, then analyse."""
         data = path.read_bytes()
         sha = hashlib.sha256(data).hexdigest()
@@ -82,7 +92,7 @@ class Env:
         result = repo.AnalysisRecord(pneumonia_probability=0.81, flagged=True, threshold=0.5, boxes=[],
                                      label_probabilities={"Pneumonia": 0.81}, heatmap=None)
         with self.sessions() as s:
-            repo.save_analysis(s, instance_id=iid, model_version="demo-cls@1", demo_model=True, result=result,
+            repo.save_analysis(s, instance_id=iid, model_version=model_version, demo_model=True, result=result,
                                inferred_at=at, now=at)
         return iid
 
@@ -216,3 +226,43 @@ def test_a_permanently_failing_build_is_recorded_not_retried(
     assert due_reports(env.deps) == [study_id]
     assert build_report(study_id, env.deps) == []  # the first image's file is still missing: recorded again
     assert due_reports(env.deps) == []
+
+
+def test_sr_names_the_algorithm_as_the_analyzer_does(
+    env: Env, tmp_path: Path, demo_models_cache: Path, production_pydicom: list[warnings.WarningMessage],
+) -> None:
+    analyzer = build_analyzer(models_dir=demo_models_cache, demo=True, engine="onnxruntime", max_bytes=64 << 20)
+    # A deliver worker: it has the model cards but loads no engines.
+    settings = Settings(data_dir=tmp_path / "var", models_dir=demo_models_cache, _env_file=None)  # type: ignore[call-arg]
+    ctx = WorkerContext(settings=settings, session_factory=env.sessions)
+    label = ctx.algorithm_label(analyzer.model_version, True)
+    assert label == AlgorithmLabel(name=analyzer.algorithm_name, version=analyzer.algorithm_version)
+    assert "UNTRAINED DEMO MODEL" in label.name
+
+    source = tmp_path / "src.dcm"
+    ds = pydicom.dcmread(DICOM_FILES / "nih-dx-secondary-capture.dcm")
+    ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+    ds.save_as(source)
+    iid = env.receive(source, model_version=analyzer.model_version)
+    deps = dataclasses.replace(env.deps, algorithm=ctx.algorithm_label)
+    assert len(build_report(env.study_of(iid).id, deps)) == 1
+    with env.sessions() as s:
+        (report,) = s.scalars(select(StructuredReport)).all()
+    sr = hd.sr.srread(env.deps.sr_dir / report.file_name)
+    names = [str(item.TextValue) for item in _content_items(sr) if "TextValue" in item
+             and item.ConceptNameCodeSequence[0].CodeMeaning in ("Algorithm Name", "Device Observer Name")]
+    # Device observer and every algorithm identification say what the analyzer says (the demo mark included).
+    assert names and set(names) == {analyzer.algorithm_name}, names
+
+
+def _content_items(ds: pydicom.Dataset) -> Iterator[pydicom.Dataset]:
+    for item in ds.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def test_fallback_label_keeps_the_demo_mark_and_fits_lo() -> None:
+    label = fallback_algorithm_label("x" * 100, True)
+    assert label.name.startswith("UNTRAINED DEMO MODEL") and len(label.version) == 64
+    assert fallback_algorithm_label("cls@1", False) == AlgorithmLabel(
+        name="cxr-triage pneumonia classifier + opacity detector", version="cls@1")
