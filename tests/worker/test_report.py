@@ -266,3 +266,32 @@ def test_fallback_label_keeps_the_demo_mark_and_fits_lo() -> None:
     assert label.name.startswith("UNTRAINED DEMO MODEL") and len(label.version) == 64
     assert fallback_algorithm_label("cls@1", False) == AlgorithmLabel(
         name="cxr-triage pneumonia classifier + opacity detector", version="cls@1")
+
+
+def test_concurrent_writers_of_one_sr_file_never_collide(tmp_path: Path) -> None:
+    """build_report and the tick run as threads of one process and may write the same SR file at once."""
+    import threading
+
+    from cxr_triage.worker.pipeline import fsync_write
+
+    target = tmp_path / "sr" / "ab" / "report.dcm"
+    payloads = [bytes([n]) * (256 << 10) for n in range(8)]
+    errors: list[BaseException] = []
+    start = threading.Barrier(len(payloads))
+
+    def writer(data: bytes) -> None:
+        try:
+            start.wait()
+            for _ in range(10):
+                fsync_write(target, data)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(p,)) for p in payloads]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_bytes() in payloads  # one writer's complete bytes, never a mix
+    assert [p.name for p in target.parent.iterdir()] == ["report.dcm"]  # no temp files left behind
