@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -291,6 +292,9 @@ def test_no_phi_in_logs(listener, dicom_data_dir, capsys):
         assert pynetdicom_store(settings.dicom_port, ds) == STATUS_DATASET_MISMATCH
     out = capsys.readouterr()
     text = out.out + out.err
+    # The absence below means something only if the listener's log lines were captured at all: one per store.
+    assert re.search(r"\bc_store\b(?!_)", text), "the accepted store's log line was not captured"
+    assert "c_store_refused" in text, "the refused store's log line was not captured"
     for value in ("Dog", "AVeryGood", "123456", "16387a", str(ds.SOPInstanceUID), "1" * 60):
         assert value not in text
 
