@@ -295,3 +295,62 @@ def test_concurrent_writers_of_one_sr_file_never_collide(tmp_path: Path) -> None
     assert errors == []
     assert target.read_bytes() in payloads  # one writer's complete bytes, never a mix
     assert [p.name for p in target.parent.iterdir()] == ["report.dcm"]  # no temp files left behind
+
+
+def test_a_permanent_rejection_marks_the_outbox_row_failed_and_is_not_retried(
+    env: Env, tmp_path: Path, production_pydicom: list[warnings.WarningMessage],
+) -> None:
+    """A real PACS over a real socket (a pynetdicom SCP) answers 0xA900: the row is FAILED, never sent again."""
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import ComprehensiveSRStorage
+
+    from cxr_triage.core.states import OutboxState
+    from cxr_triage.dicom_node.netutil import free_port
+    from cxr_triage.dicom_node.sender import StoreClient
+    from cxr_triage.worker.pipeline import DeliveryDeps, deliver, due_deliveries
+
+    requests: list[str] = []
+
+    def refuse(event: evt.Event) -> int:
+        requests.append(str(event.request.AffectedSOPInstanceUID))
+        return 0xA900  # "data set does not match SOP class": a permanent failure
+
+    port = free_port()
+    pacs = AE(ae_title="PACS")
+    pacs.add_supported_context(ComprehensiveSRStorage)
+    server = pacs.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, refuse)])
+    clients: dict[str, StoreClient] = {}
+    try:
+        source = tmp_path / "src.dcm"
+        ds = pydicom.dcmread(DICOM_FILES / "nih-dx-secondary-capture.dcm")
+        ds.SOPInstanceUID, ds.StudyInstanceUID = generate_uid(), generate_uid()
+        ds.save_as(source)
+        iid = env.receive(source)
+        report_deps = dataclasses.replace(env.deps, destinations=[Destination.parse(f"PACS@127.0.0.1:{port}")])
+        (outbox_id,) = build_report(env.study_of(iid).id, report_deps)
+
+        def client_for(destination: str) -> StoreClient:
+            if destination not in clients:
+                clients[destination] = StoreClient(Destination.parse(destination), calling_ae="CXRTRIAGE")
+            return clients[destination]
+
+        deps = DeliveryDeps(session_factory=env.sessions, sr_dir=env.deps.sr_dir, client_for=client_for,
+                            clock=lambda: env.now[0])
+        with capture_logs() as events:
+            assert deliver(outbox_id, deps) == "permanent"
+        with env.sessions() as s:
+            item = s.get(OutboxItem, outbox_id)
+            assert item is not None
+            assert (item.state, item.last_status, item.attempts) == (OutboxState.FAILED, 0xA900, 1)
+        assert any(e["event"] == "report rejected permanently" and e.get("status") == 0xA900 for e in events)
+        # Not retried: not due now nor an hour later, and a direct attempt does nothing.
+        env.now[0] += timedelta(hours=1)
+        assert due_deliveries(deps) == []
+        assert deliver(outbox_id, deps) == "not-due"
+        with env.sessions() as s:
+            (report,) = s.scalars(select(StructuredReport)).all()
+        assert requests == [report.sop_instance_uid]  # the PACS saw exactly one C-STORE
+    finally:
+        for client in clients.values():
+            client.close()
+        server.shutdown()
