@@ -6,7 +6,7 @@ import sys
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -99,9 +99,22 @@ def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener 
     _process_start()
     settings = _settings()
     _require_schema(settings)
+    from cxr_triage.dicom_node.listener import serve
+
+    record, publish, recorded = listener_callbacks(settings)
+    typer.echo(f"listening as {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}")
+    serve(settings, record=record, publish=publish, block=True, processes=processes, recorded=recorded)
+
+
+def listener_callbacks(settings: Settings) -> tuple[Any, Any, Any]:
+    """The listener's ``record``, ``publish`` and ``recorded`` as production wires them (database + Celery).
+
+    ``publish`` runs on the listener's background publisher thread, after the C-STORE answer: the task, then
+    the row marked QUEUED. Connections open lazily, per process (fork-safe for ``listen --processes N``).
+    Also used by benchmarks/bench_receive.py, so the benchmark measures the production path.
+    """
     from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
     from cxr_triage.db import repo
-    from cxr_triage.dicom_node.listener import serve
     from cxr_triage.worker.celery_app import make_celery
 
     factory = _session_factory(settings)
@@ -121,8 +134,7 @@ def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener 
         with factory() as session:
             return repo.recorded_hashes(session, sha256s=sha256s)
 
-    typer.echo(f"listening as {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}")
-    serve(settings, record=record, publish=publish, block=True, processes=processes, recorded=recorded)
+    return record, publish, recorded
 
 
 @app.command()
