@@ -6,7 +6,7 @@ import sys
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -28,6 +28,14 @@ except ImportError as _exc:  # pragma: no cover - only when optional model deps 
     _MODELS_IMPORT_ERROR = _exc
 
 log = get_logger("cxr_triage.cli")
+
+
+def _process_start() -> None:
+    """Every long-running process (up, listen, work, api): PHI-free logging and one pydicom configuration."""
+    from cxr_triage.core.dicom_config import configure_pydicom
+
+    configure_logging()
+    configure_pydicom()
 
 
 def _settings() -> Settings:
@@ -72,7 +80,7 @@ def _require_schema(settings: Settings) -> None:
 @app.command()
 def up() -> None:
     """Run everything on embedded defaults: bundled Redis, SQLite, listener, workers, web UI."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     from cxr_triage.db.migrate import upgrade
     from cxr_triage.supervisor import run_up
@@ -89,12 +97,25 @@ def up() -> None:
 @app.command()
 def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener processes sharing the port (SO_REUSEPORT).")] = 1) -> None:
     """Run the DICOM listener (C-ECHO, C-STORE)."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
+    from cxr_triage.dicom_node.listener import serve
+
+    record, publish, recorded = listener_callbacks(settings)
+    typer.echo(f"listening as {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}")
+    serve(settings, record=record, publish=publish, block=True, processes=processes, recorded=recorded)
+
+
+def listener_callbacks(settings: Settings) -> tuple[Any, Any, Any]:
+    """The listener's ``record``, ``publish`` and ``recorded`` as production wires them (database + Celery).
+
+    ``publish`` runs on the listener's background publisher thread, after the C-STORE answer: the task, then
+    the row marked QUEUED. Connections open lazily, per process (fork-safe for ``listen --processes N``).
+    Also used by benchmarks/bench_receive.py, so the benchmark measures the production path.
+    """
     from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
     from cxr_triage.db import repo
-    from cxr_triage.dicom_node.listener import serve
     from cxr_triage.worker.celery_app import make_celery
 
     factory = _session_factory(settings)
@@ -114,8 +135,7 @@ def listen(processes: Annotated[int, typer.Option(min=1, max=64, help="Listener 
         with factory() as session:
             return repo.recorded_hashes(session, sha256s=sha256s)
 
-    typer.echo(f"listening as {settings.ae_title} on {settings.dicom_host}:{settings.dicom_port}")
-    serve(settings, record=record, publish=publish, block=True, processes=processes, recorded=recorded)
+    return record, publish, recorded
 
 
 @app.command()
@@ -125,7 +145,7 @@ def work(
     concurrency: Annotated[Optional[int], typer.Option(help="Threads; default: batch size for analyze, 4 otherwise.")] = None,
 ) -> None:
     """Run a Celery worker."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
     from cxr_triage.worker.celery_app import make_celery
@@ -137,6 +157,10 @@ def work(
         typer.echo("loading models ...")
         deps = context_for(celery).analysis_deps()  # load before consuming: the first image shouldn't wait
         typer.echo(f"models ready: {deps.analyzer.model_version}{' (UNTRAINED DEMO MODEL)' if deps.analyzer.demo else ''}")
+    from cxr_triage.worker.watchdog import install_watchdog
+
+    # The threads pool ignores task_time_limit; this makes an overrunning task end the process as prefork would.
+    install_watchdog(celery, limit_s=settings.task_time_limit_s)
     threads = concurrency or (max(settings.batch_size, 2) if "analyze" in wanted else 4)
     argv = ["worker", "-Q", ",".join(wanted), "-P", "threads", "-c", str(threads), "--loglevel", "WARNING",
             "-n", f"{'-'.join(wanted)}@%h", "--without-gossip", "--without-mingle"]
@@ -148,7 +172,7 @@ def work(
 @app.command()
 def api() -> None:
     """Serve the web UI and the results API."""
-    configure_logging()
+    _process_start()
     settings = _settings()
     _require_schema(settings)
     import uvicorn

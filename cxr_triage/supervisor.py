@@ -12,10 +12,12 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from cxr_triage.bundled_redis import BundledRedis
 from cxr_triage.core.settings import Settings
+from cxr_triage.worker.watchdog import EXIT_TASK_TIME_LIMIT
 
 
 @dataclass
@@ -42,7 +44,57 @@ def children_for(settings: Settings) -> list[Child]:
     ]
 
 
-def run_up(settings: Settings, *, echo: callable = print) -> int:  # type: ignore[valid-type]
+def supervise(
+    children: list[Child],
+    *,
+    env: dict[str, str],
+    should_stop: Callable[[], bool],
+    echo: Callable[[str], object] = print,
+    poll_s: float = 0.2,
+) -> None:
+    """Run the children until ``should_stop()``; restart any that exits, whatever its code, with backoff.
+
+    Every exit is restarted: a worker whose task overran the hard time limit exits on purpose
+    (:data:`cxr_triage.worker.watchdog.EXIT_TASK_TIME_LIMIT`) and relies on this, like a crash does. On the way
+    out every child gets SIGTERM, then SIGKILL after 20 s.
+    """
+    try:
+        while not should_stop():
+            now = time.monotonic()
+            for child in children:
+                if child.process is not None and child.process.poll() is not None:
+                    code = child.process.returncode
+                    child.history.append(code)
+                    child.process = None
+                    backoff = min(30.0, 2 ** min(child.restarts, 5))
+                    child.next_start = now + backoff
+                    child.restarts += 1
+                    why = " (task over the hard time limit)" if code == EXIT_TASK_TIME_LIMIT else ""
+                    echo(f"{child.name} exited with {code}{why}; restarting in {backoff:.0f} s")
+                if child.process is None and now >= child.next_start:
+                    child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
+                    child.started_at = now
+                    echo(f"{child.name} started (pid {child.process.pid})")
+                elif child.process is not None and now - child.started_at > 60:
+                    child.restarts = 0  # ran long enough: reset the backoff
+            time.sleep(poll_s)
+    finally:
+        echo("stopping ...")
+        for child in children:
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for child in children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()
+
+
+def run_up(settings: Settings, *, echo: Callable[[str], object] = print) -> int:
     env = dict(os.environ)
     env["CXR_DATA_DIR"] = str(settings.data_dir.resolve())
     redis_server: BundledRedis | None = None
@@ -68,40 +120,9 @@ def run_up(settings: Settings, *, echo: callable = print) -> int:  # type: ignor
 
     signal.signal(signal.SIGINT, _stop)
     signal.signal(signal.SIGTERM, _stop)
-    children = children_for(settings)
     try:
-        while not stopping:
-            now = time.monotonic()
-            for child in children:
-                if child.process is not None and child.process.poll() is not None:
-                    code = child.process.returncode
-                    child.history.append(code)
-                    child.process = None
-                    backoff = min(30.0, 2 ** min(child.restarts, 5))
-                    child.next_start = now + backoff
-                    child.restarts += 1
-                    echo(f"{child.name} exited with {code}; restarting in {backoff:.0f} s")
-                if child.process is None and now >= child.next_start:
-                    child.process = subprocess.Popen(child.argv, env=env, stdin=subprocess.DEVNULL)
-                    child.started_at = now
-                    echo(f"{child.name} started (pid {child.process.pid})")
-                elif child.process is not None and now - child.started_at > 60:
-                    child.restarts = 0  # ran long enough: reset the backoff
-            time.sleep(0.2)
+        supervise(children_for(settings), env=env, should_stop=lambda: stopping, echo=echo)
     finally:
-        echo("stopping ...")
-        for child in children:
-            if child.process is not None and child.process.poll() is None:
-                child.process.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + 20
-        for child in children:
-            if child.process is None:
-                continue
-            try:
-                child.process.wait(max(deadline - time.monotonic(), 0.1))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
         if redis_server is not None:
             redis_server.stop()
         echo("stopped")

@@ -25,6 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,6 +37,8 @@ __all__ = [
     "orthanc_get",
     "storescp_log",
     "count_storescp_associations",
+    "storescp_receptions",
+    "storescp_receptions_log",
     "ORTHANC_BIN",
 ]
 
@@ -78,6 +81,28 @@ def storescp_log(tmpdir: Path | str, port: int) -> Path:
     return Path(tmpdir) / f"storescp-{port}.log"
 
 
+def storescp_receptions_log(tmpdir: Path | str, port: int) -> Path:
+    """Where :func:`run_storescp` with ``log_receptions=True`` appends one line per object it received."""
+    return Path(tmpdir) / f"storescp-{port}.received"
+
+
+def storescp_receptions(log: Path | str) -> Counter[str]:
+    """SOP Instance UID -> how many times storescp received it (one C-STORE each, resends included).
+
+    Counting files cannot see a duplicate delivery: storescp names a file after the SOP Instance UID, so a resend
+    overwrites the first. The reception log has a line per received object (``--exec-on-reception``).
+    """
+    path = Path(log)
+    if not path.exists():
+        return Counter()
+    counts: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        name = line.strip()
+        if name:
+            counts[name.split(".", 1)[1] if "." in name else name] += 1  # "<modality prefix>.<SOP UID>"
+    return counts
+
+
 def count_storescp_associations(log: Path | str) -> int:
     """Number of associations storescp accepted (acknowledged), counted from its verbose log.
 
@@ -95,6 +120,7 @@ def run_storescp(
     config_file: tuple[Path | str, str] | None = None,
     port: int | None = None,
     nodelay: bool = True,
+    log_receptions: bool = False,
     timeout: float = 10.0,
 ) -> Iterator[tuple[str, int, Path]]:
     """Start DCMTK ``storescp -v -aet AE -od OUT PORT`` on a free port; yield ``(host, port, out_dir)``.
@@ -105,6 +131,8 @@ def run_storescp(
     ``port`` reuses a known port (to restart a peer "at the same address"); otherwise a free one is picked.
     ``nodelay`` sets DCMTK's ``TCP_NODELAY=1`` environment switch (DCMTK leaves Nagle on by default, which
     adds ~40 ms to every C-STORE response); pass False to measure the untuned peer.
+    ``log_receptions`` makes storescp append the file name of every object it receives to
+    :func:`storescp_receptions_log` (read it with :func:`storescp_receptions`): the way to count C-STORE requests.
     """
     exe = DCMTK_STORESCP if os.path.exists(DCMTK_STORESCP) else None
     if exe is None:
@@ -124,6 +152,12 @@ def run_storescp(
         args = [exe, "-v", "-aet", ae, "-od", str(out_dir), "-dhl", "-ta", "10", "-ts", "30"]
         if config_file is not None:
             args += ["-xf", str(config_file[0]), config_file[1]]
+        if log_receptions:
+            receptions = storescp_receptions_log(tmp, port_)
+            if "#" in str(receptions) or "'" in str(receptions):
+                raise ValueError("reception log path must not contain # or ' (storescp placeholders, shell quoting)")
+            # storescp runs this through /bin/sh after each received object; #f is the file name it stored.
+            args += ["-xcr", f"echo '#f' >> '{receptions}'"]
         args += [*extra_args, str(port_)]
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 from collections.abc import MutableMapping
 from typing import Any
 
@@ -53,6 +54,19 @@ def configure_logging(*, json: bool = False, level: int = logging.INFO) -> None:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     for name in ("pynetdicom", "celery", "kombu", "alembic", "sqlalchemy"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.showwarning = _show_warning_without_message
+
+
+def _show_warning_without_message(
+    message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    """Python warnings reach stderr as category and place only: library warnings quote the values they complain
+    about (pydicom and highdicom quote header values), and we cannot vet every library's wording."""
+    stream = file if file is not None else sys.stderr
+    try:
+        stream.write(f"WARNING py.warnings: {category.__name__} at {filename}:{lineno} (message withheld)\n")
+    except Exception:
+        pass
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

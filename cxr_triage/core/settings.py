@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     models_dir: Path | None = None
     worker_concurrency: int = Field(1, ge=1, le=64)
     reconcile_interval_s: float = Field(30.0, gt=0)
+    reconcile_batch: int = Field(500, ge=1, le=100_000)  # instances re-published per reconcile round at most
     sr_retry_max_s: float = Field(300.0, gt=0)
 
     @field_validator("ae_title")

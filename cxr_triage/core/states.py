@@ -47,3 +47,11 @@ class NotAnalysedReason(StrEnum):
     MULTI_FRAME = "multi-frame"
     DECODE_FAILED = "decode-failed"
     UID_CONFLICT = "uid-conflict"
+
+
+class ReportFailure(StrEnum):
+    """Why a study's SR could not be built (permanent: retrying the same inputs cannot help). Never PHI."""
+
+    SOURCE_UNREADABLE = "sr-source-unreadable"  # a source header could not be read back from the spool
+    INVALID_INPUT = "sr-invalid-input"  # the builder refused its inputs (e.g. an invalid UID)
+    BUILD_FAILED = "sr-build-failed"  # anything else while building or encoding the SR

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import Any
 
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -304,19 +305,71 @@ def refresh_study(session: Session, *, study: Study) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- reconcile
-def unfinished_instances(session: Session, *, now: datetime, grace: timedelta, lease: timedelta) -> list[int]:
+def _unfinished_filter(*, now: datetime, grace: timedelta, lease: timedelta, requeue_after: timedelta | None) -> Any:
+    waiting = and_(
+        Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]), Instance.received_at < now - grace
+    )
+    abandoned = or_(
+        and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until < now),
+        # Claims taken before leases were renewable (schema 0003) carry no lease_until.
+        and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until.is_(None),
+             Instance.started_at < now - lease),
+    )
+    if requeue_after is None:
+        return or_(waiting, abandoned)
+    # Published (by the listener or an earlier round) within `requeue_after`: its message is most likely still in
+    # the broker; publishing it again every round would copy a whole backlog into the queue each interval.
+    not_recent = or_(Instance.queued_at.is_(None), Instance.queued_at < now - requeue_after)
+    # An abandoned claim consumed the message it was queued with (queued before the claim started): it needs a
+    # new one now, not `requeue_after` later.
+    consumed = Instance.queued_at <= Instance.started_at
+    return or_(and_(waiting, not_recent), and_(abandoned, or_(not_recent, consumed)))
+
+
+def unfinished_instances(
+    session: Session,
+    *,
+    now: datetime,
+    grace: timedelta,
+    lease: timedelta,
+    requeue_after: timedelta | None = None,
+    limit: int | None = None,
+) -> list[int]:
     """Instances that should be in the queue but may not be: received/queued for longer than `grace`,
-    or analysing with an expired lease (its worker died)."""
-    stmt = select(Instance.id).where(
-        or_(
-            and_(Instance.state.in_([InstanceState.RECEIVED, InstanceState.QUEUED]), Instance.received_at < now - grace),
-            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until < now),
-            # Claims taken before leases were renewable (schema 0003) carry no lease_until.
-            and_(Instance.state == InstanceState.ANALYSING, Instance.lease_until.is_(None),
-                 Instance.started_at < now - lease),
-        )
-    ).order_by(Instance.id)
+    or analysing with an expired lease (its worker died); with `requeue_after`, only those not (re)queued
+    within it. Oldest first (by when they were last queued), at most `limit`."""
+    stmt = (
+        select(Instance.id)
+        .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
+        .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
+    )
+    if limit is not None:
+        stmt = stmt.limit(limit)
     return list(session.scalars(stmt))
+
+
+def take_for_requeue(
+    session: Session, *, now: datetime, grace: timedelta, lease: timedelta, requeue_after: timedelta, limit: int
+) -> list[int]:
+    """The reconciler's batch: pick at most `limit` unfinished instances not (re)queued within `requeue_after`,
+    stamp them queued now (RECEIVED -> QUEUED; `queued_at` = now, so the next rounds skip them), commit, and
+    return their ids for the caller to publish. Rows another transaction holds locked are skipped (PostgreSQL:
+    SKIP LOCKED), so the reconciler never waits behind a worker's claim."""
+    stmt = (
+        select(Instance)
+        .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
+        .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = list(session.scalars(stmt))
+    for inst in rows:
+        inst.queued_at = now
+        if inst.state == InstanceState.RECEIVED:
+            inst.state = InstanceState.QUEUED
+    ids = [inst.id for inst in rows]
+    session.commit()
+    return ids
 
 
 # ---------------------------------------------------------------------------------------------- results
@@ -324,9 +377,32 @@ def studies_due_for_report(session: Session, *, stable_before: datetime) -> list
     """Studies whose images are all terminal, quiet since `stable_before`, with analysed images that no SR of
     the current model version covers yet."""
     candidates = session.scalars(
-        select(Study).where(Study.state == StudyState.ANALYSED, Study.last_received_at <= stable_before)
+        select(Study).where(
+            Study.state == StudyState.ANALYSED,
+            Study.last_received_at <= stable_before,
+            # A permanent build failure is not retried until an image arrives after it.
+            or_(Study.report_failure.is_(None), Study.report_failed_at < Study.last_received_at),
+        )
     ).all()
     return [s.id for s in candidates if report_plan(session, study_id=s.id) is not None]
+
+
+def report_failed_for_current_images(study: Study) -> bool:
+    """True while the study's last SR build failed permanently and no image arrived since."""
+    return (
+        study.report_failure is not None
+        and study.report_failed_at is not None
+        and study.report_failed_at >= study.last_received_at
+    )
+
+
+def record_report_failure(session: Session, *, study_id: int, reason: str, now: datetime) -> None:
+    """Record a permanent SR build failure (a reason code, never a value); commits."""
+    session.rollback()  # whatever the failed build had pending is not to be committed
+    session.execute(
+        update(Study).where(Study.id == study_id).values(report_failure=reason[:64], report_failed_at=now)
+    )
+    session.commit()
 
 
 @dataclass(frozen=True)
@@ -409,6 +485,8 @@ def add_report(
         study = session.get(Study, plan.study_id)
         if study is not None:
             study.sr_generated_at = now
+            study.report_failure = None
+            study.report_failed_at = None
         session.commit()
     except IntegrityError:
         session.rollback()

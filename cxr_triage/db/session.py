@@ -19,6 +19,9 @@ def _normalise(url: str) -> str:
 
 def make_engine(url: str, **kwargs: Any) -> Engine:
     url = _normalise(url)
+    # Database errors travel into logs (Celery logs a retried task's exception): keep bound values out of their
+    # messages, since an INSERT of a study carries patient name, id and accession number.
+    kwargs.setdefault("hide_parameters", True)
     if url.startswith("sqlite"):
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
 

@@ -95,6 +95,10 @@ class Study(Base):
     demo_model: Mapped[bool] = mapped_column(Boolean, default=False)
     # When the last SR for the current set of analysed images was generated (None: an SR is due once stable).
     sr_generated_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
+    # The last SR build failed permanently (a reason code, never a value): not retried until an image arrives
+    # after `report_failed_at` (or someone clears it); a transient failure is retried and never recorded here.
+    report_failure: Mapped[str | None] = mapped_column(String(64))
+    report_failed_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
     read_at: Mapped[datetime | None] = mapped_column(UTC_DATETIME)
     read_by: Mapped[str | None] = mapped_column(String(128))
 

@@ -13,8 +13,11 @@ C-STORE, in this order, every path ending in a status (never an unhandled except
 5. ``record(ReceivedObject)`` commits the database row. If it raises (database unavailable) -> 0xA701 (Refused:
    out of resources -- transient, the sender should retry). The file stays in the spool: a resend has the same
    bytes, hence the same name, and a spool scan can adopt it (``Spool.iter_names``);
-6. only now 0x0000 is answered, after ``publish(instance_id)`` when ``outcome.needs_analysis``. A publish
-   failure is logged, never turned into a failure status: the row is committed and the reconciler re-queues it.
+6. only now 0x0000 is answered. When ``outcome.needs_analysis`` the instance id is handed to this process's
+   :class:`~cxr_triage.dicom_node.publisher.BackgroundPublisher` (a non-blocking put), which calls
+   ``publish(instance_id)`` on its own thread: a slow or unreachable broker never delays the answer. A hint
+   that is not published (queue full, broker down) is logged, never a failure status: the row is committed and
+   stays RECEIVED, and the reconciler re-queues it.
 
 Our file meta is written by us with a fixed implementation UID/version (not pynetdicom's, whose version name
 changes with upgrades), and without the calling AE title, so identical data sets always hash the same: resending
@@ -57,7 +60,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from pydicom import config as pydicom_config
 from pydicom.dataset import FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_file_meta_info
@@ -68,6 +70,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from cxr_triage.core.contracts import ReceivedObject, RecordOutcome
+from cxr_triage.core.dicom_config import configure_pydicom
 from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Settings
 from cxr_triage.core.uids import derive_uid
@@ -81,6 +84,7 @@ from cxr_triage.dicom_node.headers import (
     received_object,
 )
 from cxr_triage.dicom_node.netutil import set_nodelay
+from cxr_triage.dicom_node.publisher import BackgroundPublisher
 from cxr_triage.dicom_node.spool import Spool, SpoolFull
 
 __all__ = [
@@ -150,7 +154,7 @@ class StoreDeps:
 
     spool: Spool
     record: Callable[[ReceivedObject], RecordOutcome]
-    publish: Callable[[int], None]
+    publish: Callable[[int], object]  # non-blocking hand-over (BackgroundPublisher.submit); False: not queued
     suspects: OrphanSuspects | None = None  # spool names whose record failed: the adoption thread re-checks them
 
 
@@ -289,15 +293,15 @@ def _store_file(
         "conflict": outcome.conflict,
         "reason": obj.out_of_scope_reason,
     }
-    # 4. Hint the worker. The row is committed: a failure here is observed, not reported to the peer.
+    # 4. Hand the hint to the background publisher (it publishes after we answer). The row is committed: a
+    # failure here is observed, not reported to the peer; the reconciler queues what was not handed over.
     if outcome.needs_analysis:
         try:
-            deps.publish(outcome.instance_id)
+            handed_over = deps.publish(outcome.instance_id) is not False
         except Exception as exc:
             LOG.warning("publish_failed", instance_id=outcome.instance_id, error=type(exc).__name__)
-            fields["published"] = False
-        else:
-            fields["published"] = True
+            handed_over = False
+        fields["publish_queued"] = handed_over
     return STATUS_SUCCESS, fields
 
 
@@ -419,6 +423,13 @@ class TriageServer(ThreadedAssociationServer):
         for assoc in self.active_associations:
             with contextlib.suppress(Exception):
                 assoc.abort()
+        self._close_publisher()
+
+    def _close_publisher(self) -> None:
+        # Hints still queued get a few seconds; any left stay RECEIVED in the database for the reconciler.
+        publisher: BackgroundPublisher | None = getattr(self.ae, "publisher", None)
+        if publisher is not None:
+            publisher.close(timeout=5.0)
 
 
 def _spool_tempfile(*args: Any, **kwargs: Any) -> Any:
@@ -442,6 +453,7 @@ class TriageAE(AE):
 
     spool: Spool
     orphan_suspects: OrphanSuspects
+    publisher: BackgroundPublisher
     triage_handlers: list[Any]
     max_pdu_bytes: int
     max_object_bytes: int
@@ -489,7 +501,8 @@ def build_ae(
 
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)  # it dumps data sets (PHI) at DEBUG
     # Received headers are validated by us where it matters (UIDs); pydicom's value warnings quote values (PHI).
-    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    # The one process-wide configuration (also applied by the CLI at start), here too for embedded use.
+    configure_pydicom()
     _config.STORE_RECV_CHUNKED_DATASET = True
     _dimse_messages.NamedTemporaryFile = _spool_tempfile  # type: ignore[attr-defined]
 
@@ -516,7 +529,9 @@ def build_ae(
             seen.add(sop_class)
             ae.add_supported_context(sop_class, list(TRANSFER_SYNTAXES))
     ae.orphan_suspects = OrphanSuspects()
-    deps = StoreDeps(spool=spool, record=record, publish=publish, suspects=ae.orphan_suspects)
+    # Built here, in the process that serves (after serve() forked its children): one publisher thread each.
+    ae.publisher = BackgroundPublisher(publish)
+    deps = StoreDeps(spool=spool, record=record, publish=ae.publisher.submit, suspects=ae.orphan_suspects)
     ae.triage_handlers = [
         (evt.EVT_C_STORE, handle_store, [deps]),
         (evt.EVT_C_ECHO, handle_echo),

@@ -34,7 +34,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pydicom
 from pydicom.dataset import Dataset
@@ -141,6 +141,7 @@ class StoreClient:
         network_timeout: float = 30.0,
         max_idle_s: float = 20.0,
         max_pdu: int = 65536,
+        evt_handlers: Sequence[tuple[Any, ...]] = (),
     ) -> None:
         if not isinstance(destination, Destination):
             raise ValueError("destination must be a Destination")
@@ -159,6 +160,8 @@ class StoreClient:
         )
         self._max_idle_s = max_idle_s
         self._max_pdu = max_pdu
+        # Extra pynetdicom handlers bound on every association this client opens (e.g. a benchmark's clock).
+        self._evt_handlers = list(evt_handlers)
         self._assoc = None
         self._last_used = 0.0
         self._lock = threading.RLock()
@@ -191,7 +194,7 @@ class StoreClient:
                 self.destination.port,
                 contexts=self._contexts,
                 ae_title=self.destination.ae_title,
-                evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler)],
+                evt_handlers=[(evt.EVT_CONN_OPEN, nodelay_handler), *self._evt_handlers],
             )
         except (OSError, RuntimeError) as exc:  # name resolution errors and the like
             raise _AssociationFailed(SendResult(None, "transient", f"association failed: {type(exc).__name__}"))

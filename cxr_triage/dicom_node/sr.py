@@ -33,6 +33,7 @@ Codes used (all from standard terminologies):
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,6 +42,7 @@ from io import BytesIO
 import highdicom as hd
 import numpy as np
 import pydicom
+import pydicom.charset
 from highdicom.sr import (
     AlgorithmIdentification,
     ComprehensiveSR,
@@ -58,9 +60,12 @@ from highdicom.sr import (
     SourceImageForRegion,
     TrackingIdentifier,
 )
+from pydicom.datadict import dictionary_VR
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
-from pydicom.uid import ExplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.valuerep import VALIDATORS
 
 from cxr_triage.core.contracts import Box
 from cxr_triage.core.uids import derive_uid
@@ -183,8 +188,14 @@ def _check_findings(findings: Sequence[ImageFindings]) -> str:
         if not isinstance(src, Dataset):
             raise ValueError(f"{where}.source must be a pydicom Dataset")
         for keyword in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID"):
-            if not str(src.get(keyword, "") or ""):
+            try:
+                value = src[keyword].value if keyword in src else None
+            except Exception:
+                value = None
+            if not value:
                 raise ValueError(f"{where}.source lacks {keyword}")
+            if not _valid_uid(str(value)):
+                raise ValueError(f"{where}.source has an invalid {keyword}")  # never the value: it may be PHI
         if study_uid is None:
             study_uid = str(src.StudyInstanceUID)
         elif str(src.StudyInstanceUID) != study_uid:
@@ -229,15 +240,111 @@ def _check_algorithm(algorithm: AlgorithmInfo) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _evidence_header(src: Dataset) -> Dataset:
-    """The subset of a source header the SR needs, with absent Type 2 patient/study attributes set empty."""
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")  # none is allowed in PN/LO/SH/CS/DA/TM once decoded
+_TIME = re.compile(r"^(?:[01]\d|2[0-3])(?:[0-5]\d(?:(?:[0-5]\d|60)(?:\.\d{1,6})?)?)?$")
+_PATIENT_SEX = frozenset({"M", "F", "O"})
+# Single-byte character sets whose Python codec can tell whether a value fits (ISO 2022 sets cannot simply).
+_SINGLE_BYTE_CHARSETS = frozenset(
+    {"ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 144", "ISO_IR 127", "ISO_IR 126",
+     "ISO_IR 138", "ISO_IR 148", "ISO_IR 166", "ISO_IR 13", "ISO_IR 192"}
+)
+UTF8_CHARSET = "ISO_IR 192"
+
+
+def _conformant_text(keyword: str, value: object) -> str:
+    """A source attribute as text the SR can carry, or "" when it is absent or not conformant.
+
+    Source headers come from any modality, often with values the standard does not allow (a birth date written
+    1970-01-01, a sex of "X", a control character in a name). Copying them would make the SR invalid, and pydicom
+    or highdicom would raise with the value in the message (PHI). These are Type 2 attributes of the SR, so an
+    unusable value is dropped (left empty) instead of failing the report. Nothing here reports the value.
+    """
+    if value is None or isinstance(value, (bytes, bytearray, list, tuple, MultiValue)):
+        return ""  # undecodable raw bytes, or several values where the SR allows one
+    text = str(value).rstrip(" \x00")
+    if not text:
+        return ""
+    if _CONTROL_CHARS.search(text):
+        return ""
+    vr = dictionary_VR(keyword)
+    validator = VALIDATORS.get(vr)
+    if validator is not None:
+        try:
+            ok, _ = validator(vr, text)
+        except Exception:
+            ok = False
+        if not ok:
+            return ""
+    if vr == "DA":
+        try:
+            datetime.strptime(text, "%Y%m%d")
+        except ValueError:
+            return ""
+    elif vr == "TM" and not _TIME.match(text):
+        return ""
+    if keyword == "PatientSex" and text not in _PATIENT_SEX:
+        return ""
+    return text
+
+
+def _source_text(src: Dataset, keyword: str) -> str:
+    try:
+        value = src[keyword].value if keyword in src else None
+    except Exception:  # a raw element pydicom cannot convert: treat as absent
+        return ""
+    return _conformant_text(keyword, value)
+
+
+def _valid_uid(value: object) -> bool:
+    return isinstance(value, str) and bool(value) and UID(value).is_valid
+
+
+def _character_set(src: Dataset, texts: Sequence[str]) -> str | None:
+    """The SR's Specific Character Set for the copied texts: none when all are ASCII (the default repertoire);
+    else the source's own when it is a single-byte set that encodes them all; else UTF-8 (ISO_IR 192)."""
+    if all(t.isascii() for t in texts):
+        return None
+    try:
+        declared = src.get("SpecificCharacterSet", None)
+    except Exception:
+        declared = None
+    if isinstance(declared, str) and declared.strip() in _SINGLE_BYTE_CHARSETS:
+        declared = declared.strip()
+        try:
+            (codec,) = pydicom.charset.convert_encodings([declared])
+            for t in texts:
+                t.encode(codec)
+            return declared
+        except Exception:
+            pass
+    return UTF8_CHARSET
+
+
+@dataclass(frozen=True)
+class _PatientStudy:
+    """The patient/study attributes of the SR root, already made conformant, and the character set they need."""
+
+    values: dict[str, str]
+    character_set: str | None
+
+
+def _patient_study(src: Dataset) -> _PatientStudy:
+    values = {k: _source_text(src, k) for k in _PATIENT_STUDY_KEYWORDS if k != "StudyInstanceUID"}
+    values["StudyInstanceUID"] = str(src.StudyInstanceUID)
+    return _PatientStudy(values=values, character_set=_character_set(src, list(values.values())))
+
+
+def _evidence_header(src: Dataset, root: _PatientStudy | None = None) -> Dataset:
+    """The subset of a source header the SR needs. For the first source (``root``), the conformant patient/study
+    attributes and their character set, which highdicom copies to the SR root; absent ones set empty (Type 2)."""
     ds = Dataset()
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "SpecificCharacterSet"):
-        if keyword in src:
-            setattr(ds, keyword, src[keyword].value)
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID"):
+        setattr(ds, keyword, str(src[keyword].value))
+    values = root.values if root is not None else _patient_study(src).values
+    if root is not None and root.character_set is not None:
+        ds.SpecificCharacterSet = root.character_set
     for keyword in _PATIENT_STUDY_KEYWORDS:
-        value = src.get(keyword, None)
-        setattr(ds, keyword, value if value is not None else "")
+        setattr(ds, keyword, values[keyword])
     return ds
 
 
@@ -381,7 +488,8 @@ def build_study_sr(
         imaging_measurements=groups,
     )
 
-    evidence = [_evidence_header(f.source) for f in findings]
+    root = _patient_study(findings[0].source)
+    evidence = [_evidence_header(f.source, root if i == 0 else None) for i, f in enumerate(findings)]
     previous = None
     if predecessor is not None:
         pre = Dataset()
@@ -427,11 +535,14 @@ def build_study_sr(
     for item in ds.get("ContributingEquipmentSequence", []):
         if "ContributionDateTime" in item:
             item.ContributionDateTime = when.strftime("%Y%m%d%H%M%S")
-    # The SR copies the patient/study module of the source; make absent Type 2 attributes explicit and equal.
-    first = findings[0].source
+    # The SR copies the patient/study module of the source (conformant values only; absent Type 2 ones empty),
+    # with the character set those values need at the root.
     for keyword in _PATIENT_STUDY_KEYWORDS:
-        value = first.get(keyword, None)
-        setattr(ds, keyword, value if value is not None else "")
+        setattr(ds, keyword, root.values[keyword])
+    if root.character_set is not None:
+        ds.SpecificCharacterSet = root.character_set
+    elif "SpecificCharacterSet" in ds:
+        del ds.SpecificCharacterSet
     _fill_file_meta(ds)
     return ds
 

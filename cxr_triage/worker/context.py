@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -17,7 +18,14 @@ from cxr_triage.core.settings import Settings
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.worker.batcher import MicroBatcher
 from cxr_triage.worker.leases import LeaseKeeper
-from cxr_triage.worker.pipeline import AnalysisDeps, DeliveryDeps, ReportDeps, utcnow
+from cxr_triage.worker.pipeline import (
+    AlgorithmLabel,
+    AnalysisDeps,
+    DeliveryDeps,
+    ReportDeps,
+    fallback_algorithm_label,
+    utcnow,
+)
 
 
 @dataclass
@@ -27,6 +35,7 @@ class WorkerContext:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _analysis: AnalysisDeps | None = None
     _clients: dict[str, Any] = field(default_factory=dict)
+    _labels: dict[str, AlgorithmLabel] = field(default_factory=dict)
 
     @property
     def lease(self) -> timedelta:
@@ -73,7 +82,31 @@ class WorkerContext:
             sr_dir=self.settings.sr_dir,
             destinations=self.settings.pacs,
             stable=timedelta(seconds=self.settings.study_stable_seconds),
+            algorithm=self.algorithm_label,
         )
+
+    def algorithm_label(self, model_version: str, demo: bool) -> AlgorithmLabel:
+        """The SR's algorithm name and version for results of `model_version`, as the analyzer names them.
+
+        This process's analyzer when it produced that version (``work`` on both queues); else an analyzer built
+        from the model cards of that version without engines (the deliver worker loads no models); else the
+        analyzer's formula. Cached per version.
+        """
+        with self._lock:
+            cached = self._labels.get(model_version)
+            analysis = self._analysis
+        if cached is not None:
+            return cached
+        label: AlgorithmLabel | None = None
+        if analysis is not None and getattr(analysis.analyzer, "model_version", None) == model_version:
+            label = _label_of(analysis.analyzer)
+        if label is None:
+            label = _label_from_cards(self.settings.models_path, model_version)
+        if label is None:
+            label = fallback_algorithm_label(model_version, demo)
+        with self._lock:
+            self._labels[model_version] = label
+        return label
 
     def delivery_deps(self) -> DeliveryDeps:
         return DeliveryDeps(
@@ -94,6 +127,39 @@ class WorkerContext:
                 client = StoreClient(Destination.parse(destination), calling_ae=self.settings.ae_title)
                 self._clients[destination] = client
             return client
+
+
+def _label_of(analyzer: Any) -> AlgorithmLabel | None:
+    name, version = getattr(analyzer, "algorithm_name", None), getattr(analyzer, "algorithm_version", None)
+    if isinstance(name, str) and name and isinstance(version, str) and version:
+        return AlgorithmLabel(name=name, version=version)
+    return None
+
+
+def _label_from_cards(models_dir: Path, model_version: str) -> AlgorithmLabel | None:
+    """An Analyzer over the cards that made `model_version` (no engines, nothing runs), for its name and version."""
+    try:
+        from cxr_triage.models.analyzer import Analyzer
+        from cxr_triage.models.registry import list_cards
+
+        by_ref = {card.ref: card for card in list_cards(models_dir)}
+        cards = [by_ref[ref] for ref in model_version.split("+")]
+        classifiers = [c for c in cards if c.task == "classification"]
+        detectors = [c for c in cards if c.task == "detection"]
+        if len(classifiers) != 1 or len(classifiers) + len(detectors) != len(cards):
+            return None
+        analyzer = Analyzer(
+            classifier_card=classifiers[0],
+            classifier_engine=None,
+            detector_card=detectors[0] if detectors else None,
+            detector_engine=None,
+            ensemble_members=[(card, None) for card in detectors[1:]],
+        )
+    except Exception:  # cards removed or unreadable: the caller falls back to the analyzer's formula
+        return None
+    if analyzer.model_version != model_version:
+        return None
+    return _label_of(analyzer)
 
 
 def _operating_threshold(analyzer: Any) -> float:

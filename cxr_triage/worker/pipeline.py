@@ -7,9 +7,11 @@ deliver:          one outbox row -> C-STORE to its destination -> sent / retry l
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from cxr_triage.core.errors import RetryableError
 from cxr_triage.core.logging import get_logger
 from cxr_triage.core.settings import Destination
-from cxr_triage.core.states import NotAnalysedReason, OutboxState
+from cxr_triage.core.states import NotAnalysedReason, OutboxState, ReportFailure
 from cxr_triage.core.uids import derive_uid
 from cxr_triage.db import repo
 from cxr_triage.db.tables import StructuredReport, Study
@@ -48,12 +50,20 @@ def spool_path(spool_dir: Path, spool_name: str) -> Path:
 def fsync_write(path: Path, data: bytes) -> None:
     """Write a file atomically and durably: temp file, fsync, rename, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    # A unique temp name in the same directory (same filesystem, so the rename is atomic): the build_report task
+    # and the tick run as threads of one process and may write the same SR at once; a pid-only name made them
+    # write into one temp file and rename it from under each other.
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
@@ -166,6 +176,25 @@ def study_of(session_factory: sessionmaker[Session], instance_id: int) -> int | 
 
 
 # ---------------------------------------------------------------------------------------------- report
+@dataclass(frozen=True)
+class AlgorithmLabel:
+    """How an SR names the algorithm that produced a model version's results."""
+
+    name: str
+    version: str  # at most 64 characters (DICOM LO)
+
+
+def fallback_algorithm_label(model_version: str, demo: bool) -> AlgorithmLabel:
+    """The label when the model cards of `model_version` are not at hand: the analyzer's own formula
+    (:class:`cxr_triage.models.analyzer.Analyzer`), so the demo mark is never lost."""
+    from cxr_triage.models.analyzer import ALGORITHM_NAME
+
+    version = model_version
+    if len(version) > 64:  # as Analyzer.algorithm_version
+        version = version[:47] + "~" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    return AlgorithmLabel(name=("UNTRAINED DEMO MODEL - " if demo else "") + ALGORITHM_NAME, version=version)
+
+
 @dataclass
 class ReportDeps:
     session_factory: sessionmaker[Session]
@@ -173,7 +202,9 @@ class ReportDeps:
     sr_dir: Path
     destinations: Sequence[Destination]
     stable: timedelta
-    algorithm_name: str = "cxr-triage pneumonia triage"
+    # (model version, any analysis from a demo model) -> name and version; the worker context reads them from
+    # the model cards (Analyzer.algorithm_name), so an SR says what the analyzer says, UNTRAINED DEMO MODEL too.
+    algorithm: Callable[[str, bool], AlgorithmLabel] = fallback_algorithm_label
     clock: Clock = utcnow
 
 
@@ -182,8 +213,22 @@ def sr_file_name(sop_instance_uid: str) -> str:
     return f"{digest[-2:]}/{digest}.dcm"
 
 
+class _ReportNotBuilt(Exception):
+    """The SR for a study cannot be built from its inputs (permanent). Carries a reason code, never a value."""
+
+    def __init__(self, reason: ReportFailure, error: str) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.error = error  # the exception type only
+
+
 def build_report(study_id: int, deps: ReportDeps) -> list[int]:
-    """Make the next SR of a study if one is due; returns the new outbox ids ([] if nothing to do)."""
+    """Make the next SR of a study if one is due; returns the new outbox ids ([] if nothing to do).
+
+    A permanent failure (a source header unreadable, an input the builder refuses, an SR that cannot be encoded)
+    is recorded on the study with a reason code and not retried until another image arrives; database and disk
+    errors propagate as before (transient: the task retries, the tick tries again).
+    """
     from cxr_triage.dicom_node import sr as srmod  # SR building needs highdicom; import where used
 
     with deps.session_factory() as session:
@@ -192,48 +237,18 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
             return []
         study = session.get(Study, study_id)
         assert study is not None
+        if repo.report_failed_for_current_images(study):
+            return []
         sources = repo.report_sources(session, plan=plan)
-        findings = []
-        demo = False
-        for inst, analysis in sources:
-            header = pydicom.dcmread(spool_path(deps.spool_dir, inst.spool_name), stop_before_pixels=True)
-            demo = demo or analysis.demo_model
-            findings.append(
-                srmod.ImageFindings(
-                    source=header,
-                    pneumonia_probability=analysis.pneumonia_probability,
-                    flagged=analysis.flagged,
-                    threshold=analysis.threshold,
-                    regions=tuple(srmod.OpacityRegion(b.x0, b.y0, b.x1, b.y1, b.score) for b in analysis.boxes),
-                )
-            )
-        predecessor = None
-        if plan.predecessor_id is not None:
-            prev = session.get(StructuredReport, plan.predecessor_id)
-            assert prev is not None
-            prev_header = pydicom.dcmread(deps.sr_dir / prev.file_name, stop_before_pixels=True)
-            predecessor = srmod.Predecessor(
-                sop_instance_uid=prev.sop_instance_uid,
-                series_instance_uid=prev.series_instance_uid,
-                sop_class_uid=str(prev_header.SOPClassUID),
-            )
-        # Deterministic content time: the newest analysis this SR covers, so a rebuild is byte-identical.
-        content_dt = max(analysis.created_at for _, analysis in sources)
-        algorithm = srmod.AlgorithmInfo(
-            name=deps.algorithm_name,
-            version=plan.model_version,
-            model_version=plan.model_version,
-            demo=demo,
-        )
-        ds = srmod.build_study_sr(
-            findings=findings,
-            algorithm=algorithm,
-            revision=plan.revision,
-            predecessor=predecessor,
-            content_datetime=content_dt,
-        )
+        predecessor_row = None if plan.predecessor_id is None else session.get(StructuredReport, plan.predecessor_id)
+        try:
+            ds, data = _compose_report(srmod, plan, sources, predecessor_row, deps)
+        except _ReportNotBuilt as exc:
+            repo.record_report_failure(session, study_id=study_id, reason=exc.reason, now=deps.clock())
+            log.error("report not built", study=study_id, reason=exc.reason.value, error=exc.error)
+            return []
         file_name = sr_file_name(str(ds.SOPInstanceUID))
-        fsync_write(deps.sr_dir / file_name, srmod.sr_file_bytes(ds))
+        fsync_write(deps.sr_dir / file_name, data)
         created = repo.add_report(
             session,
             plan=plan,
@@ -248,6 +263,65 @@ def build_report(study_id: int, deps: ReportDeps) -> list[int]:
     report_id, outbox_ids = created
     log.info("report created", study=study_id, report=report_id, revision=plan.revision, outbox=len(outbox_ids))
     return outbox_ids
+
+
+def _compose_report(
+    srmod: Any, plan: repo.ReportPlan, sources: Sequence[tuple[Any, Any]], predecessor_row: Any, deps: ReportDeps
+) -> tuple[pydicom.Dataset, bytes]:
+    """Source headers + analyses -> the SR data set and its file bytes. Raises only _ReportNotBuilt.
+
+    Exceptions from pydicom and highdicom quote header values: only their type leaves this function.
+    """
+    headers = []
+    try:
+        for inst, _ in sources:
+            headers.append(pydicom.dcmread(spool_path(deps.spool_dir, inst.spool_name), stop_before_pixels=True))
+        prev_header = None
+        if predecessor_row is not None:
+            prev_header = pydicom.dcmread(deps.sr_dir / predecessor_row.file_name, stop_before_pixels=True)
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.SOURCE_UNREADABLE, type(exc).__name__) from None
+    try:
+        findings = []
+        demo = False
+        for header, (_, analysis) in zip(headers, sources, strict=True):
+            demo = demo or analysis.demo_model
+            findings.append(
+                srmod.ImageFindings(
+                    source=header,
+                    pneumonia_probability=analysis.pneumonia_probability,
+                    flagged=analysis.flagged,
+                    threshold=analysis.threshold,
+                    regions=tuple(srmod.OpacityRegion(b.x0, b.y0, b.x1, b.y1, b.score) for b in analysis.boxes),
+                )
+            )
+        predecessor = None
+        if predecessor_row is not None:
+            assert prev_header is not None
+            predecessor = srmod.Predecessor(
+                sop_instance_uid=predecessor_row.sop_instance_uid,
+                series_instance_uid=predecessor_row.series_instance_uid,
+                sop_class_uid=str(prev_header.SOPClassUID),
+            )
+        # Deterministic content time: the newest analysis this SR covers, so a rebuild is byte-identical.
+        content_dt = max(analysis.created_at for _, analysis in sources)
+        label = deps.algorithm(plan.model_version, demo)
+        algorithm = srmod.AlgorithmInfo(name=label.name, version=label.version, model_version=label.version, demo=demo)
+        ds = srmod.build_study_sr(
+            findings=findings,
+            algorithm=algorithm,
+            revision=plan.revision,
+            predecessor=predecessor,
+            content_datetime=content_dt,
+        )
+    except ValueError as exc:
+        raise _ReportNotBuilt(ReportFailure.INVALID_INPUT, type(exc).__name__) from None
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.BUILD_FAILED, type(exc).__name__) from None
+    try:
+        return ds, srmod.sr_file_bytes(ds)
+    except Exception as exc:
+        raise _ReportNotBuilt(ReportFailure.BUILD_FAILED, type(exc).__name__) from None
 
 
 def due_reports(deps: ReportDeps) -> list[int]:
@@ -325,7 +399,16 @@ def due_deliveries(deps: DeliveryDeps) -> list[int]:
 
 # ---------------------------------------------------------------------------------------------- reconcile
 def instances_to_requeue(
-    session_factory: sessionmaker[Session], *, grace: timedelta, lease: timedelta, clock: Clock = utcnow
+    session_factory: sessionmaker[Session],
+    *,
+    grace: timedelta,
+    lease: timedelta,
+    requeue_after: timedelta | None = None,
+    limit: int = 500,
+    clock: Clock = utcnow,
 ) -> list[int]:
+    """The reconciler's next batch, already stamped as queued (see :func:`repo.take_for_requeue`)."""
     with session_factory() as session:
-        return repo.unfinished_instances(session, now=clock(), grace=grace, lease=lease)
+        return repo.take_for_requeue(
+            session, now=clock(), grace=grace, lease=lease, requeue_after=requeue_after or grace, limit=limit
+        )

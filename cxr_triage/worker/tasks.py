@@ -7,15 +7,18 @@ or header values.
 
 from __future__ import annotations
 
+import functools
 import threading
+from datetime import timedelta
 from collections.abc import Callable
 from typing import Any
 
 import redis.exceptions
 import sqlalchemy.exc
 from celery import Celery
+from celery.exceptions import Ignore, Reject, Retry
 
-from cxr_triage.core.errors import RetryableError
+from cxr_triage.core.errors import PermanentError, RetryableError
 from cxr_triage.core.logging import get_logger
 from cxr_triage.worker import pipeline
 from cxr_triage.worker.celery_app import (
@@ -35,7 +38,7 @@ RETRY_ON = (RetryableError, sqlalchemy.exc.OperationalError, redis.exceptions.Co
 
 
 def cxr_task(app: Celery, name: str, *, max_retries: int = 5) -> Callable[[Callable[..., Any]], Any]:
-    return app.task(
+    register = app.task(
         name=name,
         bind=True,
         acks_late=True,
@@ -46,14 +49,34 @@ def cxr_task(app: Celery, name: str, *, max_retries: int = 5) -> Callable[[Calla
         max_retries=max_retries,
     )
 
+    def decorator(fn: Callable[..., Any]) -> Any:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return fn(*args, **kwargs)
+            except RETRY_ON:
+                raise  # retried with backoff by Celery
+            except (Retry, Ignore, Reject):
+                raise
+            except Exception as exc:
+                # Celery logs a failed task's exception with its message, and library messages quote header
+                # values (PHI). Never retried: report the type only, drop the original (and its traceback text).
+                log.error("task failed", task=name, error=type(exc).__name__)
+                raise PermanentError(f"{name} failed: {type(exc).__name__}") from None
+
+        return register(run)
+
+    return decorator
+
 
 _tick_lock = threading.Lock()
 
 
 def register_tasks(app: Celery) -> None:
     def publish_analyze(instance_id: int) -> None:
-        # Bounded: the listener calls this before answering the C-STORE. If the broker is down the row is
-        # already committed and the reconciler re-queues it, so waiting longer would only stall the modality.
+        # Bounded: the listener's one publisher thread calls this after answering the C-STORE, and the reconciler
+        # calls it in a loop. If the broker is down the row is committed and stays RECEIVED/QUEUED for the next
+        # reconcile round, so waiting longer would only build a backlog behind one dead broker.
         app.send_task(
             TASK_ANALYZE,
             kwargs={"instance_id": instance_id},
@@ -113,16 +136,23 @@ def register_tasks(app: Celery) -> None:
     def reconcile(self: Any) -> int:
         """Re-queue anything received but unfinished: the database, not Redis, is the record of work."""
         ctx = context_for(self.app)
-        grace = max(2 * ctx.settings.reconcile_interval_s, 5.0)
-        from datetime import timedelta
-
+        grace = timedelta(seconds=max(2 * ctx.settings.reconcile_interval_s, 5.0))
+        # Rows (re)queued within the grace (two intervals) are left alone: their message is most likely still in
+        # the broker. The batch is bounded, oldest first, so a large backlog is worked through round by round.
         ids = pipeline.instances_to_requeue(
-            ctx.session_factory, grace=timedelta(seconds=grace), lease=ctx.lease
+            ctx.session_factory, grace=grace, lease=ctx.lease, requeue_after=grace,
+            limit=ctx.settings.reconcile_batch,
         )
+        published = 0
         for instance_id in ids:
-            publish_analyze(instance_id)
+            try:
+                publish_analyze(instance_id)
+                published += 1
+            except Exception as exc:  # broker down: the rows stay unfinished and come back in a later round
+                log.warning("reconciler publish failed", error=type(exc).__name__, remaining=len(ids) - published)
+                break
         if ids:
-            log.warning("reconciler re-queued instances", count=len(ids))
-        return len(ids)
+            log.warning("reconciler re-queued instances", count=published, batch=len(ids))
+        return published
 
     app.cxr_publish_analyze = publish_analyze  # type: ignore[attr-defined]

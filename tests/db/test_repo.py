@@ -102,6 +102,66 @@ def test_reconciler_finds_stale_work(sessions: sessionmaker[Session]) -> None:
     assert late == [stale, busy]
 
 
+def test_reconciler_requeues_each_row_once_per_interval_in_bounded_batches(sessions: sessionmaker[Session]) -> None:
+    grace = after = timedelta(seconds=30)
+    lease = timedelta(seconds=30)
+    with sessions() as s:
+        ids = [repo.record_received(s, obj=received(uid=f"4.{n}", sha=f"{n}" * 64)).instance_id for n in range(5)]
+    with sessions() as s:  # the listener published two of them a moment ago
+        repo.mark_queued(s, instance_ids=ids[3:], now=T0 + timedelta(seconds=50))
+        s.commit()
+
+    def take(at: float, limit: int = 2) -> list[int]:
+        with sessions() as s:
+            return repo.take_for_requeue(s, now=T0 + timedelta(seconds=at), grace=grace, lease=lease,
+                                         requeue_after=after, limit=limit)
+
+    assert take(60) == ids[:2]  # bounded batch, oldest first; the two just published are left alone
+    assert take(61) == ids[2:3]  # the next round continues with the rest, not the rows it just re-queued
+    assert take(62) == []  # everything was (re)queued within the interval: nothing is published again
+    with sessions() as s:
+        rows = {i.id: i for i in s.query(Instance).all()}
+        assert all(rows[i].state == InstanceState.QUEUED for i in ids)
+        assert rows[ids[0]].queued_at == T0 + timedelta(seconds=60)
+        assert rows[ids[3]].queued_at == T0 + timedelta(seconds=50)
+    assert take(100, limit=10) == [ids[3], ids[4], ids[0], ids[1], ids[2]]  # lost messages come back, oldest first
+    # A dead worker's claim (its lease expired) needs a new message as soon as the lease ends, even though it was
+    # queued recently (that message was consumed by the claim); once re-queued it is left for an interval.
+    with sessions() as s:
+        repo.claim_for_analysis(s, instance_id=ids[0], now=T0 + timedelta(seconds=101), lease=timedelta(seconds=10),
+                                max_attempts=3)
+    assert take(110, limit=10) == []  # lease still running
+    assert take(112, limit=10) == [ids[0]]
+    assert take(113, limit=10) == []
+
+
+def test_reconciler_skips_rows_locked_by_another_transaction(tmp_path: Path) -> None:
+    """PostgreSQL: a row held by a worker's open transaction is skipped (SKIP LOCKED), never waited for."""
+    import time
+
+    from sqlalchemy import select
+
+    with database("postgresql", tmp_path) as url:
+        upgrade(url)
+        engine = make_engine(url)
+        factory = make_session_factory(engine)
+        try:
+            with factory() as s:
+                locked, free = (repo.record_received(s, obj=received(uid=f"5.{n}", sha=f"{n}" * 64)).instance_id
+                                for n in range(2))
+            with factory() as holder:
+                holder.execute(select(Instance).where(Instance.id == locked).with_for_update())
+                started = time.monotonic()
+                with factory() as s:
+                    got = repo.take_for_requeue(s, now=T0 + timedelta(minutes=5), grace=timedelta(seconds=30),
+                                                lease=timedelta(seconds=30), requeue_after=timedelta(seconds=30),
+                                                limit=10)
+                assert got == [free] and time.monotonic() - started < 5
+                holder.rollback()
+        finally:
+            engine.dispose()
+
+
 def test_renewed_lease_keeps_a_live_claim_and_an_unrenewed_one_expires(sessions: sessionmaker[Session]) -> None:
     lease = timedelta(seconds=30)
     with sessions() as s:

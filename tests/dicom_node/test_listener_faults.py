@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import struct
@@ -218,7 +219,7 @@ def test_disk_reserve_refuses_with_out_of_resources(tmp_path, dicom_data_dir):
 
 def test_database_down_then_resend(listener, dicom_data_dir):
     """DB unavailable: refused (0xA701) with the file kept; the resend is stored once and analysed once."""
-    settings, recorder, publisher, _ = listener
+    settings, recorder, publisher, server = listener
     path = dicom_data_dir / "nih-dx-secondary-capture.dcm"
     recorder.fail = True
     assert pynetdicom_store(settings.dicom_port, path) == STATUS_DB_UNAVAILABLE
@@ -226,6 +227,7 @@ def test_database_down_then_resend(listener, dicom_data_dir):
     assert len(names) == 1  # kept for adoption / the resend
     recorder.fail = False
     assert pynetdicom_store(settings.dicom_port, path) == 0
+    assert server.ae.publisher.flush(10)  # published after the answer, by the listener's publisher thread
     (row,) = recorder.instances()
     assert row.spool_name == names[0] and publisher.published == [row.id]
 
@@ -236,6 +238,37 @@ def test_publish_failure_still_acknowledges(listener, dicom_data_dir):
     assert pynetdicom_store(settings.dicom_port, dicom_data_dir / "wg04-cr-chest-pa-j2k-monochrome1.dcm") == 0
     (row,) = recorder.instances()
     assert row.state == InstanceState.RECEIVED  # the reconciler will queue it
+
+
+def test_a_hanging_broker_does_not_delay_the_answer(tmp_path, dicom_data_dir):
+    """Commit, answer, then publish: while publishing hangs, C-STORE still answers 0x0000 at once."""
+    import threading
+    import time
+
+    recorder = Recorder(migrated(f"sqlite:///{tmp_path / 'db.sqlite3'}"))
+    unblock = threading.Event()
+    published: list[int] = []
+
+    def hanging_publish(instance_id: int) -> None:  # a broker that accepts the connection and never answers
+        unblock.wait(30)
+        published.append(instance_id)
+
+    settings = make_settings(tmp_path)
+    files = ["nih-dx-secondary-capture.dcm", "wg04-cr-chest-pa-j2k-monochrome1.dcm", "siim-cr-pa-jpeg-baseline.dcm"]
+    try:
+        with running_listener(settings, recorder, hanging_publish) as server:
+            for name in files:
+                started = time.monotonic()
+                assert pynetdicom_store(settings.dicom_port, dicom_data_dir / name) == 0
+                assert time.monotonic() - started < 2.0, "the answer waited for the broker"
+            rows = recorder.instances()
+            assert [r.state for r in rows] == [InstanceState.RECEIVED] * 3 and published == []
+            unblock.set()
+            assert server.ae.publisher.flush(10)
+            assert sorted(published) == sorted(r.id for r in rows)
+    finally:
+        unblock.set()
+        recorder.dispose()
 
 
 def test_out_of_scope_classes_are_accepted_and_recorded(listener):
@@ -259,6 +292,9 @@ def test_no_phi_in_logs(listener, dicom_data_dir, capsys):
         assert pynetdicom_store(settings.dicom_port, ds) == STATUS_DATASET_MISMATCH
     out = capsys.readouterr()
     text = out.out + out.err
+    # The absence below means something only if the listener's log lines were captured at all: one per store.
+    assert re.search(r"\bc_store\b(?!_)", text), "the accepted store's log line was not captured"
+    assert "c_store_refused" in text, "the refused store's log line was not captured"
     for value in ("Dog", "AVeryGood", "123456", "16387a", str(ds.SOPInstanceUID), "1" * 60):
         assert value not in text
 

@@ -94,11 +94,13 @@ class Service:
         if "listener" in (parts or ("listener",)):
             assert wait_for_port("127.0.0.1", self.dicom_port, timeout=30), "listener did not open its port"
 
-    def start_part(self, part: str) -> None:
+    def start_part(self, part: str, *, env: dict[str, str] | None = None) -> None:
+        """Start one part; ``env`` overrides variables for this part only (e.g. a broker only it cannot reach)."""
         log = open(self.root / f"{part}.log", "ab")
         self.procs[part] = subprocess.Popen(
             [sys.executable, "-m", "cxr_triage", *PART_ARGS[part]],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            env={**self.env, **(env or {})}, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True,
         )
         if part == "listener":
             assert wait_for_port("127.0.0.1", self.dicom_port, timeout=30), "listener did not open its port"

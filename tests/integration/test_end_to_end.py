@@ -18,7 +18,7 @@ import pytest
 from cxr_triage.dicom_node.netutil import free_port, wait_for_port
 from tests.dicomize import DICOM_FILES, nih_pngs, png_to_dx
 from tests.integration.service import storescu, wait_until
-from tests.peers import orthanc_get, run_orthanc, run_storescp
+from tests.peers import orthanc_get, run_orthanc, run_storescp, storescp_receptions, storescp_receptions_log
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +36,9 @@ def test_up_receives_analyses_and_reports_to_two_pacs(tmp_path: Path, demo_model
     # the veterinary lateral is recorded as not analysed and gets no SR.
     expected_studies = {str(pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID) for f in inputs
                         if "veterinary" not in f.name}
-    with run_storescp(tmp_path / "scp", ae="PACS") as (host, scp_port, scp_out), run_orthanc(tmp_path / "orthanc") as (
+    with run_storescp(tmp_path / "scp", ae="PACS", log_receptions=True) as (host, scp_port, scp_out), run_orthanc(
+        tmp_path / "orthanc"
+    ) as (
         orthanc_dicom, orthanc_http
     ):
         dicom_port, api_port = free_port(), free_port()
@@ -79,6 +81,11 @@ def test_up_receives_analyses_and_reports_to_two_pacs(tmp_path: Path, demo_model
             orthanc_uids = {orthanc_get(orthanc_http, f"/instances/{i}/simplified-tags")["SOPInstanceUID"]
                             for i in orthanc_get(orthanc_http, "/instances")}
             assert orthanc_uids == {str(ds.SOPInstanceUID) for ds in srs}
+            # Exactly one C-STORE per SR UID reached storescp (files alone would hide a resend: same name).
+            receptions = storescp_receptions_log(tmp_path / "scp", scp_port)
+            wait_until(lambda: set(storescp_receptions(receptions)) == orthanc_uids, timeout=30,
+                       what="storescp reception log")
+            assert set(storescp_receptions(receptions).values()) == {1}, storescp_receptions(receptions)
 
             query = subprocess.run([sys.executable, "-m", "cxr_triage", "query", "--format", "json", "--limit", "1000"],
                                    env=env, capture_output=True, text=True, timeout=60)
