@@ -29,11 +29,11 @@ from __future__ import annotations
 import re
 import secrets
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cxr_triage.api.priority import PriorityPolicy
-from cxr_triage.core.settings import SettingsError
+from cxr_triage.core.settings import load_validated
 
 # Values people copy from examples and docs. Anyone who has read the example file knows them, so a cookie signed
 # with one can be forged: refuse them rather than run "secured" by a published key.
@@ -90,13 +90,5 @@ class ApiSettings(BaseSettings):
 
 
 def load_api_settings(**overrides: object) -> ApiSettings:
-    """Read and validate the API settings; a bad value stops the process with one line naming the variable
-    (never a pydantic traceback, and never the value itself: it may be a real secret with a typo)."""
-    try:
-        return ApiSettings(**overrides)  # type: ignore[arg-type]
-    except ValidationError as exc:
-        lines = ["invalid configuration:"]
-        for err in exc.errors():
-            name = "CXR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
-            lines.append(f"  {name}: {err['msg']}")
-        raise SettingsError("\n".join(lines)) from None
+    """Read and validate the API settings (one line per bad variable, never the value itself)."""
+    return load_validated(ApiSettings, **overrides)

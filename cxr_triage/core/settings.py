@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -149,13 +149,22 @@ class SettingsError(SystemExit):
     """Raised with a human-readable message when the environment is invalid."""
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read and validate settings; turn a validation failure into one clear message per bad variable."""
+SettingsT = TypeVar("SettingsT", bound=BaseSettings)
+
+
+def load_validated(cls: type[SettingsT], **overrides: object) -> SettingsT:
+    """Build a settings object from the environment; a validation failure stops the process with one line per
+    bad variable, naming it (never a pydantic traceback, and never the value: it may be a secret with a typo)."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return cls(**overrides)  # type: ignore[arg-type]
     except ValidationError as exc:
         lines = ["invalid configuration:"]
         for err in exc.errors():
             name = "CXR_" + "_".join(str(p) for p in err["loc"][:1]).upper()
             lines.append(f"  {name}: {err['msg']}")
         raise SettingsError("\n".join(lines)) from None
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate settings; turn a validation failure into one clear message per bad variable."""
+    return load_validated(Settings, **overrides)
