@@ -21,7 +21,7 @@ from cxr_triage.api.render import RenderError, rendered_png
 from cxr_triage.core.states import StudyState
 from cxr_triage.db import accounts, worklist
 from cxr_triage.db.accounts import Principal
-from cxr_triage.db.repo import ResultFilter, query_studies
+from cxr_triage.db.repo import ResultFilter, count_studies, query_studies
 from cxr_triage.db.results import records_to_csv, records_to_json, study_record, to_fhir_bundle
 from cxr_triage.db.tables import Instance, StructuredReport, Study
 
@@ -221,7 +221,9 @@ def get_results(
                    source_ip=client_ip(request),
                    detail={**filters.audit_detail(), "studies": [s.id for s in studies], "count": len(items),
                            "phi": phi})
-    return {"limit": limit, "offset": offset, "count": len(items), "items": items}
+    # total: every match across pages, so a client knows when to stop paging (count: this page).
+    return {"limit": limit, "offset": offset, "count": len(items), "total": count_studies(session, filters=flt),
+            "items": items}
 
 
 @router.get("/results/export", tags=["results"],

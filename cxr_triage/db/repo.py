@@ -543,29 +543,46 @@ class ResultFilter:
     patient_id: str | None = None
 
 
+def _study_conditions(filters: ResultFilter) -> list[Any]:
+    """The WHERE clauses of a results query: one definition for the page and its total."""
+    conditions: list[Any] = []
+    if filters.since is not None:
+        conditions.append(Study.received_at >= filters.since)
+    if filters.until is not None:
+        conditions.append(Study.received_at < filters.until)
+    if filters.min_score is not None:
+        conditions.append(Study.pneumonia_score >= filters.min_score)
+    if filters.max_score is not None:
+        conditions.append(Study.pneumonia_score <= filters.max_score)
+    if filters.flagged is not None:
+        conditions.append(Study.flagged.is_(filters.flagged))
+    if filters.status is not None:
+        conditions.append(Study.state == filters.status)
+    if filters.model_version is not None:
+        conditions.append(Study.model_version == filters.model_version)
+    if filters.accession_number is not None:
+        conditions.append(Study.accession_number == filters.accession_number)
+    if filters.patient_id is not None:
+        conditions.append(Study.patient_id == filters.patient_id)
+    return conditions
+
+
 def query_studies(session: Session, *, filters: ResultFilter, limit: int = 100, offset: int = 0) -> list[Study]:
     """Studies matching the filters, newest first. The CLI and the API share this one query."""
-    stmt = select(Study).options(selectinload(Study.instances).selectinload(Instance.analyses))
-    if filters.since is not None:
-        stmt = stmt.where(Study.received_at >= filters.since)
-    if filters.until is not None:
-        stmt = stmt.where(Study.received_at < filters.until)
-    if filters.min_score is not None:
-        stmt = stmt.where(Study.pneumonia_score >= filters.min_score)
-    if filters.max_score is not None:
-        stmt = stmt.where(Study.pneumonia_score <= filters.max_score)
-    if filters.flagged is not None:
-        stmt = stmt.where(Study.flagged.is_(filters.flagged))
-    if filters.status is not None:
-        stmt = stmt.where(Study.state == filters.status)
-    if filters.model_version is not None:
-        stmt = stmt.where(Study.model_version == filters.model_version)
-    if filters.accession_number is not None:
-        stmt = stmt.where(Study.accession_number == filters.accession_number)
-    if filters.patient_id is not None:
-        stmt = stmt.where(Study.patient_id == filters.patient_id)
-    stmt = stmt.order_by(Study.received_at.desc(), Study.id.desc()).limit(limit).offset(offset)
+    stmt = (
+        select(Study)
+        .options(selectinload(Study.instances).selectinload(Instance.analyses))
+        .where(*_study_conditions(filters))
+        .order_by(Study.received_at.desc(), Study.id.desc())
+        .limit(limit)
+        .offset(offset)
+    )
     return list(session.scalars(stmt))
+
+
+def count_studies(session: Session, *, filters: ResultFilter) -> int:
+    """How many studies match the filters (all pages), for pagination."""
+    return int(session.scalar(select(func.count()).select_from(Study).where(*_study_conditions(filters))) or 0)
 
 
 def count_by_state(session: Session) -> dict[str, int]:

@@ -198,7 +198,12 @@ def test_results_query_phi_and_exports(client, users, session_factory, clock):
     since = (T0 - timedelta(hours=2)).isoformat()
     got = client.get("/api/results", params={"since": since}, headers=rad).json()["items"]
     assert [i["id"] for i in got] == [c, b]
-    assert [i["id"] for i in client.get("/api/results?limit=1&offset=1", headers=rad).json()["items"]] == [b]
+    page = client.get("/api/results?limit=1&offset=1", headers=rad).json()
+    assert [i["id"] for i in page["items"]] == [b]
+    # the total counts every match across pages, with the filters applied
+    assert (page["count"], page["total"]) == (1, 3)
+    assert client.get("/api/results?flagged=true&limit=1", headers=rad).json()["total"] == 1
+    assert client.get("/api/results", params={"since": since, "offset": 5}, headers=rad).json()["total"] == 2
     # naive datetimes are taken as UTC
     assert len(client.get("/api/results?since=2026-01-05T07:30:00", headers=rad).json()["items"]) == 1
 
