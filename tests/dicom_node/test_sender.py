@@ -324,3 +324,31 @@ def test_summary_text(tmp_path):
     text = str(s)
     assert text.startswith("3 files: 1 sent, 0 stored with warnings, 1 failed, 1 skipped")
     assert "permanent" in text and "0xC000" in text and not s.ok
+
+
+def test_send_command_like_storescu(tmp_path, dicom_data_dir):
+    """`cxr-triage send` as a user runs it: a real process, a progress bar, a summary, exit 1 when a file failed."""
+    import subprocess
+    import sys
+
+    root = _link_inputs(tmp_path, dicom_data_dir)
+    env = {**os.environ, "CXR_DATA_DIR": str(tmp_path / "var"), "COLUMNS": "120"}
+    with run_storescp(tmp_path, extra_args=["+xa"]) as (_h, port, out_dir):
+        done = subprocess.run(
+            [sys.executable, "-m", "cxr_triage", "send", str(root), "--to", f"ANYSCP@127.0.0.1:{port}",
+             "--associations", "2"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )
+        received = _received(out_dir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    expected = {pydicom.dcmread(dicom_data_dir / n, stop_before_pixels=True).SOPInstanceUID for n in CHEST_FILES}
+    assert set(received) == expected
+    out = done.stdout + done.stderr
+    assert "C-STORE" in out and f"{len(CHEST_FILES)} sent" in out and "0 failed" in out and "3 skipped" in out
+    # Nobody listening: every file fails, and the exit status says so.
+    down = subprocess.run(
+        [sys.executable, "-m", "cxr_triage", "send", str(root), "--to", f"ANYSCP@127.0.0.1:{free_port()}",
+         "--no-progress"],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert down.returncode == 1 and f"{len(CHEST_FILES)} failed" in down.stdout
