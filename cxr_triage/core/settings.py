@@ -73,6 +73,8 @@ class Settings(BaseSettings):
     analysis_lease_s: float = Field(30.0, ge=3)  # renewed while in flight: a dead worker is noticed this fast
     engine: str = "auto"
     models_dir: Path | None = None
+    # extra model catalogue for `models fetch NAME` (JSON, as <models dir>/sources.json); None: only that file
+    model_sources: Path | None = None
     worker_concurrency: int = Field(1, ge=1, le=64)
     reconcile_interval_s: float = Field(30.0, gt=0)
     reconcile_batch: int = Field(500, ge=1, le=100_000)  # instances re-published per reconcile round at most

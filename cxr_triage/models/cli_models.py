@@ -45,51 +45,46 @@ def import_cmd(
 ) -> None:
     """Copy a checkpoint into the models dir, validate it, export ONNX and write its card."""
     from .classifier import CheckpointError
-    from .registry import WeightsError
+    from .registry import WeightsError, apply_card_options
 
+    d = _dir(models_dir)
     try:
-        card = import_weights(path, models_dir=_dir(models_dir), name=name, version=version,
+        card = import_weights(path, models_dir=d, name=name, version=version,
                               architecture=architecture, format=format, allow_pickle=allow_pickle)
+        if threshold is not None or ensemble is not None:
+            card = apply_card_options(card, d, threshold=threshold, ensemble=ensemble,
+                                      ensemble_weight=ensemble_weight)
     except (CheckpointError, WeightsError, ValueError) as exc:
         _fail(str(exc))
         return
-    from dataclasses import replace
-
-    if threshold is not None:
-        card = replace(card, operating_thresholds={**card.operating_thresholds, card.positive_label: threshold})
-        save_card(card, _dir(models_dir))
-    if ensemble is not None:
-        if card.task != "detection":
-            _fail("--ensemble applies to detector checkpoints (checkpoint/fold ensembles)")
-            return
-        params = {**card.architecture_params, "ensemble": ensemble, "ensemble_weight": ensemble_weight}
-        card = replace(card, architecture_params=params)
-        save_card(card, _dir(models_dir))
     typer.echo(f"imported {card.ref} sha256={card.weights.sha256} onnx={card.onnx.file if card.onnx else '-'}")
 
 
 @app.command("fetch")
 def fetch_cmd(
-    name: str = typer.Argument(...),
-    url: Optional[str] = typer.Option(None, "--url"),
-    sha256: Optional[str] = typer.Option(None, "--sha256"),
+    name: str = typer.Argument(..., help="a name in the model catalogue (<models dir>/sources.json, CXR_MODEL_SOURCES)"),
+    url: Optional[str] = typer.Option(None, "--url", help="overrides the catalogue's URL"),
+    sha256: Optional[str] = typer.Option(None, "--sha256", help="overrides the catalogue's sha256"),
     version: Optional[str] = typer.Option(None, "--version"),
     architecture: Optional[str] = typer.Option(None, "--architecture"),
     format: Optional[str] = typer.Option(None, "--format"),  # noqa: A002
     allow_pickle: bool = typer.Option(False, "--allow-pickle"),
     models_dir: Optional[Path] = _MODELS_DIR,
 ) -> None:
-    """Download weights (resumable, sha256-verified), validate, export ONNX, write the card."""
+    """Download weights named in the model catalogue (resumable, sha256-verified), then import them as
+    `models import` does: validate, export ONNX, write the card."""
     from .classifier import CheckpointError
-    from .registry import WeightsError
+    from .registry import WeightsError, load_sources, model_sources_from_env
 
+    d = _dir(models_dir)
     try:
-        card = fetch_weights(name, models_dir=_dir(models_dir), url=url, sha256=sha256, version=version,
-                             architecture=architecture, format=format, allow_pickle=allow_pickle)
+        sources = load_sources(d, model_sources_from_env())
+        card = fetch_weights(name, models_dir=d, url=url, sha256=sha256, version=version,
+                             architecture=architecture, format=format, allow_pickle=allow_pickle, sources=sources)
     except (CheckpointError, WeightsError, ValueError) as exc:
         _fail(str(exc))
         return
-    typer.echo(f"fetched {card.ref} sha256={card.weights.sha256}")
+    typer.echo(f"fetched {card.ref} sha256={card.weights.sha256} onnx={card.onnx.file if card.onnx else '-'}")
 
 
 @app.command("export")

@@ -37,8 +37,9 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
+from dataclasses import fields as dataclasses_fields
 from pathlib import Path
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any, Callable
 
 from .preprocess import InputSpec
@@ -65,6 +66,11 @@ __all__ = [
     "sha256_file",
     "store_blob",
     "models_dir_from_env",
+    "model_sources_from_env",
+    "ModelSource",
+    "SOURCES_FILE",
+    "load_sources",
+    "apply_card_options",
 ]
 
 CARD_SCHEMA = "cxr-triage-model-card/1"
@@ -229,7 +235,18 @@ def validate_name(name: str) -> str:
 
 
 def models_dir_from_env() -> Path:
-    return Path(os.environ.get("CXR_DATA_DIR", "./var")) / "models"
+    """The models directory the worker reads (``CXR_MODELS_DIR``, else ``$CXR_DATA_DIR/models``), from the same
+    settings object, so that what ``models import``/``fetch`` write without ``--models-dir`` is what it serves."""
+    from cxr_triage.core.settings import load_settings
+
+    return load_settings().models_path
+
+
+def model_sources_from_env() -> Path | None:
+    """``CXR_MODEL_SOURCES``: an extra model catalogue file (see :func:`load_sources`), or None."""
+    from cxr_triage.core.settings import load_settings
+
+    return load_settings().model_sources
 
 
 def card_path(models_dir: Path, name: str) -> Path:
@@ -561,6 +578,118 @@ def _finish_card(card: ModelCard, models_dir: Path, *, export: bool, explicit_th
     return card
 
 
+def apply_card_options(card: ModelCard, models_dir: str | Path, *, threshold: float | None = None,
+                       ensemble: str | None = None, ensemble_weight: float = 1.0,
+                       display_name: str | None = None, notes: str | None = None) -> ModelCard:
+    """The card options of ``models import`` (also taken from a catalogue entry by ``models fetch``): the positive
+    label's operating threshold, the detector ensemble group and weight, display name, notes. Saves the card."""
+    if ensemble is not None and card.task != "detection":
+        raise ValueError("--ensemble applies to detector checkpoints (checkpoint/fold ensembles)")
+    if threshold is not None:
+        card = replace(card, operating_thresholds={**card.operating_thresholds, card.positive_label: threshold})
+    if ensemble is not None:
+        card = replace(card, architecture_params={**card.architecture_params, "ensemble": ensemble,
+                                                  "ensemble_weight": ensemble_weight})
+    if display_name is not None:
+        card = replace(card, display_name=display_name)
+    if notes is not None:
+        card = replace(card, notes=notes)
+    save_card(card, models_dir)
+    return card
+
+
+SOURCES_FILE = "sources.json"
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One catalogue entry: where ``models fetch NAME`` downloads from and how it imports what it got."""
+
+    url: str
+    sha256: str
+    format: str
+    architecture: str
+    version: str
+    allow_pickle: bool = False
+    threshold: float | None = None
+    ensemble: str | None = None
+    ensemble_weight: float = 1.0
+    display_name: str | None = None
+    notes: str | None = None
+    catalogue: str = field(default="", compare=False)  # the file it came from, for messages
+
+    @classmethod
+    def parse(cls, name: str, entry: object, *, catalogue: str) -> "ModelSource":
+        """Validate one entry, naming the file, the model and the bad key (a typo must not silently drop an
+        option such as the threshold)."""
+        where = f"{catalogue}: model {name!r}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected an object with url, sha256, format, architecture, version")
+        known = {f.name for f in dataclasses_fields(cls)} - {"catalogue"}
+        unknown = sorted(set(entry) - known)
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        missing = [k for k in ("url", "sha256", "format", "architecture", "version") if k not in entry]
+        if missing:
+            raise ValueError(f"{where}: missing {missing}")
+        validate_name(name)
+        url, sha = str(entry["url"]), str(entry["sha256"]).lower()
+        if urllib.parse.urlparse(url).scheme not in ("http", "https", "file"):
+            raise ValueError(f"{where}: url must be http(s):// or file://")
+        if not _SHA256_RE.match(sha):
+            raise ValueError(f"{where}: sha256 must be 64 hex digits")
+        if entry["format"] not in WEIGHT_FORMATS:
+            raise ValueError(f"{where}: format must be one of {WEIGHT_FORMATS}")
+        try:
+            task = default_card_fields(str(entry["architecture"]), str(entry["format"]))["task"]
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if entry.get("ensemble") is not None and task != "detection":
+            raise ValueError(f"{where}: ensemble applies to detector checkpoints only")
+        threshold = entry.get("threshold")
+        if threshold is not None and not (isinstance(threshold, (int, float)) and 0.0 <= float(threshold) <= 1.0):
+            raise ValueError(f"{where}: threshold must be a number in [0, 1]")
+        weight = entry.get("ensemble_weight", 1.0)
+        if not isinstance(weight, (int, float)) or float(weight) < 0.0:
+            raise ValueError(f"{where}: ensemble_weight must be a number >= 0")
+        if not isinstance(entry.get("allow_pickle", False), bool):
+            raise ValueError(f"{where}: allow_pickle must be true or false")
+        opt = {k: (None if entry.get(k) is None else str(entry[k])) for k in ("ensemble", "display_name", "notes")}
+        return cls(url=url, sha256=sha, format=str(entry["format"]), architecture=str(entry["architecture"]),
+                   version=str(entry["version"]), allow_pickle=bool(entry.get("allow_pickle", False)),
+                   threshold=None if threshold is None else float(threshold), ensemble_weight=float(weight),
+                   catalogue=catalogue, **opt)
+
+
+def load_sources(models_dir: str | Path, extra: str | Path | None = None) -> dict[str, ModelSource]:
+    """The model catalogue: ``<models_dir>/sources.json`` (if present), then ``extra`` (``CXR_MODEL_SOURCES``;
+    must exist when configured), whose entries win for names in both. Each file is a JSON object
+    ``{NAME: {"url", "sha256", "format", "architecture", "version", optional "allow_pickle", "threshold",
+    "ensemble", "ensemble_weight", "display_name", "notes"}}``. Raises ValueError naming the file and entry."""
+    files: list[Path] = []
+    local = Path(models_dir) / SOURCES_FILE
+    if local.is_file():
+        files.append(local)
+    if extra is not None:
+        extra = Path(extra)
+        if not extra.is_file():
+            raise ValueError(f"model catalogue {extra} (CXR_MODEL_SOURCES) does not exist")
+        if not (local.is_file() and extra.resolve() == local.resolve()):
+            files.append(extra)
+    sources: dict[str, ModelSource] = {}
+    for path in files:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read model catalogue {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"model catalogue {path}: expected a JSON object of model name -> source")
+        for name, entry in data.items():
+            sources[name] = ModelSource.parse(name, entry, catalogue=str(path))
+    return sources
+
+
 def _download(url: str, dest_part: Path, *, timeout: float = 30.0, chunk: int = 1 << 16,
               on_chunk: Callable[[int], None] | None = None) -> None:
     """Download ``url`` into ``dest_part``, resuming from its current size with an HTTP Range request."""
@@ -626,28 +755,52 @@ def fetch_weights(
     allow_pickle: bool = False,
     export: bool = True,
     timeout: float = 30.0,
+    sources: Mapping[str, ModelSource] | None = None,
 ) -> ModelCard:
-    """Download a model's weights (HTTP(S) with resume, or file://) and verify their sha256.
+    """Download a model's weights (HTTP(S) with resume, or file://), verify their sha256, import them.
 
-    With an existing card, ``url``/``sha256`` default to the card's ``weights.source``/``weights.sha256``.
-    Without one, ``url``, ``sha256``, ``version``, ``architecture`` and ``format`` are required and a card is
-    written. A sha256 mismatch deletes the partial file and raises :class:`WeightsError`.
+    Where each value comes from, first match wins: the arguments (``--url`` etc.), the catalogue entry
+    ``sources[name]`` (:func:`load_sources`), the existing card. With a catalogue entry or explicit
+    version/architecture/format, the download is imported exactly as ``models import`` does (validated, ONNX
+    exported, card written, the entry's threshold / ensemble / display name applied). Without them, an existing
+    card keeps everything but its weights (a re-fetch). A sha256 mismatch deletes the download and raises
+    :class:`WeightsError` before any card is written.
     """
     models_dir = Path(models_dir)
     validate_name(name)
+    sources = sources or {}
+    entry = sources.get(name)
     existing: ModelCard | None = None
     if card_path(models_dir, name).is_file():
         existing = find_card(models_dir, name)
-    url = url or (existing.weights.source if existing else None)
-    sha256 = (sha256 or (existing.weights.sha256 if existing else "")).lower()
+    if entry is None and existing is None and not url:
+        known = ", ".join(sorted(sources)) or "none"
+        raise WeightsError(
+            f"model {name!r} is not in the model catalogue (known: {known}) and has no card. Add it to "
+            f"{models_dir / SOURCES_FILE} or the file CXR_MODEL_SOURCES names, or give --url, --sha256, "
+            "--version, --architecture and --format"
+        )
+    url = url or (entry.url if entry else None) or (existing.weights.source if existing else None)
+    sha256 = (sha256 or (entry.sha256 if entry else "") or (existing.weights.sha256 if existing else "")).lower()
     if not url or "://" not in url:
         raise WeightsError(f"model {name}: no URL to fetch from (give --url)")
-    if not re.fullmatch(r"[0-9a-f]{64}", sha256 or ""):
+    if not _SHA256_RE.match(sha256):
         raise WeightsError(f"model {name}: a sha256 (64 hex digits) is required to fetch weights (give --sha256)")
-    if existing is None and not (version and architecture and format):
+    reimport = entry is not None or existing is None or any(v is not None for v in (version, architecture, format))
+    version = version or (entry.version if entry else None) or (existing.version if existing else None)
+    architecture = architecture or (entry.architecture if entry else None) or (
+        existing.architecture if existing else None)
+    fmt = format or (entry.format if entry else None) or (existing.weights.format if existing else None)
+    if not (version and architecture and fmt):
         raise WeightsError(f"model {name}: no card yet; give version, architecture and format")
+    if fmt not in WEIGHT_FORMATS:
+        raise ValueError(f"format must be one of {WEIGHT_FORMATS}")
+    default_card_fields(architecture, fmt)  # an unknown architecture fails here, before the download
+    allow_pickle = allow_pickle or bool(entry and entry.allow_pickle) or bool(
+        existing and existing.weights.allow_pickle)
     downloads = models_dir / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
+    # Named by the URL, so that the next run for the same URL resumes this file.
     part = downloads / (hashlib.sha256(url.encode()).hexdigest()[:32] + ".part")
     _download(url, part, timeout=timeout)
     digest = sha256_file(part)
@@ -657,17 +810,20 @@ def fetch_weights(
             f"model {name}: downloaded file has sha256 {digest}, expected {sha256}; refusing it (deleted the "
             "download). Check the URL and the expected hash."
         )
-    fmt = format or (existing.weights.format if existing else "xrv")
     ext = "onnx" if fmt == "onnx" else "pt"
     rel, _ = store_blob(part, models_dir, ext=ext, move=True)
-    weights = WeightsInfo(source=url, sha256=digest, format=fmt, file=rel,
-                          allow_pickle=allow_pickle or (existing.weights.allow_pickle if existing else False))
-    if existing is not None:
-        card = replace(existing, weights=weights, models_dir=models_dir)
-    else:
-        assert architecture is not None and version is not None
-        card = ModelCard(name=name, version=version, architecture=architecture, weights=weights,
-                         models_dir=models_dir, **default_card_fields(architecture, fmt))
+    if reimport:
+        card = import_weights(models_dir / rel, models_dir=models_dir, name=name, version=version,
+                              architecture=architecture, format=fmt, source=url, allow_pickle=allow_pickle,
+                              export=export)
+        if entry is not None:
+            card = apply_card_options(card, models_dir, threshold=entry.threshold, ensemble=entry.ensemble,
+                                      ensemble_weight=entry.ensemble_weight, display_name=entry.display_name,
+                                      notes=entry.notes)
+        return card
+    assert existing is not None
+    weights = WeightsInfo(source=url, sha256=digest, format=fmt, file=rel, allow_pickle=allow_pickle)
+    card = replace(existing, weights=weights, models_dir=models_dir)
     if fmt == "onnx":
         card = replace(card, onnx=OnnxInfo(file=rel, sha256=digest, output_names=card.onnx.output_names if card.onnx else ()))
     return _finish_card(card, models_dir, export=export)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,9 +225,25 @@ def save_checkpoint(
 def load_training_state(
     path: str | Path, model: OpacityDetector, optimizer: torch.optim.Optimizer | None = None, scheduler: Any = None
 ) -> dict[str, Any]:
-    """Restore model (+ optimizer, scheduler) from a training checkpoint; returns the checkpoint dict."""
-    state = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if state.get("format") != CHECKPOINT_FORMAT:
+    """Restore model (+ optimizer, scheduler) from a training checkpoint; returns the checkpoint dict.
+
+    ``--resume`` takes a path from the user, so the file is read with ``weights_only=True``: tensors, plain
+    containers and numbers only (everything :func:`save_checkpoint` writes). A file that needs arbitrary
+    unpickling is refused with :class:`ValueError` instead of running its code."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path.name}: resume checkpoint does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        # torch raises this for any global outside its allowlist (a class, a function, os.system ...)
+        raise ValueError(
+            f"{path.name}: refusing to resume from it: it contains pickled Python objects, not only tensors and "
+            "plain data; only checkpoints written by `cxr-triage models train` can be resumed"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 - torch raises several types for truncated/corrupt archives
+        raise ValueError(f"{path.name}: not a loadable training checkpoint ({type(exc).__name__})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not a {CHECKPOINT_FORMAT} checkpoint")
     if state["config"] != dataclasses.asdict(model.config):
         raise ValueError(f"{path}: checkpoint config {state['config']} != model config")

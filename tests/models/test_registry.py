@@ -1,8 +1,7 @@
 from __future__ import annotations
 
 import hashlib
-import http.server
-import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,15 +19,13 @@ from cxr_triage.models.registry import (
     verify_weights,
 )
 
+from .conftest import RangeHandler as _Handler
+from .conftest import save_xrv_checkpoint, serve_bytes
+
 
 @pytest.fixture(scope="module")
 def xrv_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(3)
-    m = build_classifier("densenet121-xrv")
-    m.op_threshs = torch.rand(18)
-    path = tmp_path_factory.mktemp("ckpt") / "xrv.pt"
-    torch.save(m.state_dict(), path)
-    return path
+    return save_xrv_checkpoint(tmp_path_factory.mktemp("ckpt") / "xrv.pt")
 
 
 def test_import_writes_card_blob_and_onnx(tmp_path: Path, xrv_checkpoint: Path) -> None:
@@ -72,47 +69,10 @@ def test_wrong_architecture_is_refused(tmp_path: Path, xrv_checkpoint: Path) -> 
                        architecture="densenet121-chexnet", format="chexnet")
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    payload = b""
-    cut_first = False
-    requests: list[str | None] = []
-
-    def log_message(self, *args: object) -> None:  # quiet
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802
-        rng = self.headers.get("Range")
-        type(self).requests.append(rng)
-        data = self.payload
-        start = 0
-        if rng:
-            start = int(rng.split("=")[1].split("-")[0])
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-        else:
-            self.send_response(200)
-        body = data[start:]
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if type(self).cut_first:
-            type(self).cut_first = False
-            self.wfile.write(body[: len(body) // 2])
-            self.wfile.flush()
-            self.connection.shutdown(2)
-            return
-        self.wfile.write(body)
-
-
 @pytest.fixture()
-def server(xrv_checkpoint: Path):
-    _Handler.payload = xrv_checkpoint.read_bytes()
-    _Handler.requests = []
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    t = threading.Thread(target=httpd.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}/weights.pt"
-    httpd.shutdown()
-    httpd.server_close()
+def server(xrv_checkpoint: Path) -> Iterator[str]:
+    with serve_bytes(xrv_checkpoint.read_bytes()) as url:
+        yield url
 
 
 def test_fetch_over_http_with_resume(tmp_path: Path, server: str, xrv_checkpoint: Path) -> None:

@@ -100,7 +100,7 @@ def test_train_checkpoints_and_resume(tmp_path):
     r1 = train(cfg, progress=False, log=lambda s: None)
     assert r1.epochs_done == 1 and r1.iterations == 3  # 6 training images (2 patients held out) / batch 2
     assert (tmp_path / "run" / "epoch_001.pt").is_file() and r1.checkpoint.is_file()
-    state1 = torch.load(r1.checkpoint, weights_only=False)
+    state1 = torch.load(r1.checkpoint, weights_only=True)
     assert state1["fold"] == 1 and state1["epoch"] == 1 and "val_loss" in state1["metrics"]
 
     # resume: epoch/iteration continue, optimizer + scheduler state restored
@@ -118,7 +118,7 @@ def test_train_checkpoints_and_resume(tmp_path):
     cfg2 = TrainConfig(**{**cfg.__dict__, "epochs": 2, "resume": str(r1.checkpoint)})
     r2 = train(cfg2, progress=False, log=lambda s: None)
     assert r2.epochs_done == 2 and r2.iterations == 6
-    state2 = torch.load(r2.checkpoint, weights_only=False)
+    state2 = torch.load(r2.checkpoint, weights_only=True)
     k2 = next(iter(state2["optimizer"]["state"]))
     assert state2["optimizer"]["state"][k2]["step"] == 6
 
@@ -132,6 +132,45 @@ def test_train_checkpoints_and_resume(tmp_path):
     # max_iterations stops early
     cfg3 = TrainConfig(**{**cfg.__dict__, "out_dir": str(tmp_path / "run3"), "epochs": 5, "max_iterations": 2})
     assert train(cfg3, progress=False, log=lambda s: None).iterations == 2
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls os.mkdir(marker): the stand-in for any code a hostile checkpoint could run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204
+        import os
+
+        return (os.mkdir, (str(self.marker),))
+
+
+def test_resume_refuses_a_checkpoint_with_pickled_objects(tmp_path):
+    from cxr_triage.models.detector import CHECKPOINT_FORMAT
+    from cxr_triage.models.train import save_checkpoint
+
+    model = build_detector(backbone="tiny", image_size=64)
+    good = save_checkpoint(tmp_path / "good.pt", model=model, epoch=1)
+    state = torch.load(good, weights_only=True)
+    marker = tmp_path / "code-ran"
+    state["train_config"] = {"payload": _RunsCodeWhenUnpickled(marker)}
+    assert state["format"] == CHECKPOINT_FORMAT
+    evil = tmp_path / "evil.pt"
+    torch.save(state, evil)
+    with pytest.raises(ValueError, match="refusing to resume.*pickled Python objects"):
+        load_training_state(evil, build_detector(backbone="tiny", image_size=64))
+    assert not marker.exists()  # refused before any of its code ran
+    # a truncated file: a clear message too, not a torch traceback
+    trunc = tmp_path / "trunc.pt"
+    trunc.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(ValueError, match="not a loadable training checkpoint"):
+        load_training_state(trunc, build_detector(backbone="tiny", image_size=64))
+    # and the well-formed one still resumes
+    assert load_training_state(good, build_detector(backbone="tiny", image_size=64))["epoch"] == 1
+    # the payload is live: an unrestricted load runs it (what weights_only=False in resume used to do)
+    torch.load(evil, weights_only=False)
+    assert marker.is_dir()
 
 
 def test_patient_level_folds():
@@ -211,7 +250,7 @@ def test_cli_train_command(tmp_path):
                                  "--batch-size", "2", "--threads", "1", "--box-loss", "giou"])
     assert r.exit_code == 0, r.output
     assert "1 iterations" in r.output and (out / "last.pt").is_file()
-    state = torch.load(out / "last.pt", weights_only=False)
+    state = torch.load(out / "last.pt", weights_only=True)
     assert state["train_config"]["box_loss"] == "giou" and state["config"]["backbone"] == "tiny"
 
 
