@@ -167,3 +167,42 @@ def test_a_killed_childs_grandchild_dies_with_it_and_stop_kills_the_group(tmp_pa
     # Ctrl-C of `up`: the child and its beat both go.
     _wait(lambda: not _alive(second_beat), 10, "the second beat to stop with its group")
     assert child.process is not None and child.process.poll() is not None
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+@pytest.mark.slow
+def test_the_real_beat_of_a_sigkilled_work_beat_child_is_not_left_orphaned(tmp_path: Path, server: BundledRedis) -> None:
+    from cxr_triage.db.migrate import upgrade
+    from cxr_triage.supervisor import children_for
+
+    data = tmp_path / "var"
+    data.mkdir()
+    settings = Settings(data_dir=data, redis_url=server.url, _env_file=None)  # type: ignore[call-arg]
+    upgrade(settings.effective_database_url)
+    (worker,) = [c for c in children_for(settings) if c.name == "worker-deliver"]
+    env = {**os.environ, "CXR_DATA_DIR": str(data), "CXR_REDIS_URL": server.url}
+    env.pop("CXR_DATABASE_URL", None)
+    lines: list[str] = []
+    stop = threading.Event()
+    thread = threading.Thread(target=supervise, args=([worker],), daemon=True,
+                              kwargs=dict(env=env, should_stop=stop.is_set, echo=lines.append, poll_s=0.05))
+    thread.start()
+    try:
+        _wait(lambda: worker.process is not None and bool(_children_of(worker.process.pid)), 60, "the embedded beat")
+        assert worker.process is not None
+        main = worker.process.pid
+        (beat,) = _children_of(main)
+        os.kill(main, signal.SIGKILL)
+        _wait(lambda: not _alive(beat), 15, "the orphaned beat to be killed with its group")
+        _wait(lambda: worker.process is not None and worker.process.pid != main, 15, "the restarted worker")
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    assert not thread.is_alive()
+    assert worker.history == [-signal.SIGKILL]
