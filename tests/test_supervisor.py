@@ -176,7 +176,6 @@ def _children_of(pid: int) -> list[int]:
         return []
 
 
-@pytest.mark.slow
 def test_the_real_beat_of_a_sigkilled_work_beat_child_is_not_left_orphaned(tmp_path: Path, server: BundledRedis) -> None:
     from cxr_triage.db.migrate import upgrade
     from cxr_triage.supervisor import children_for
