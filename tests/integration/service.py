@@ -57,7 +57,8 @@ class Service:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.redis = BundledRedis(self.root / "redis")
         self.db_url = self.database_url or f"sqlite:///{self.data_dir / 'cxr-triage.sqlite3'}"
-        self.sessions = make_session_factory(make_engine(self.db_url))
+        self.engine = make_engine(self.db_url)
+        self.sessions = make_session_factory(self.engine)
 
     @property
     def env(self) -> dict[str, str]:
@@ -124,6 +125,10 @@ class Service:
         self.procs.clear()
         if self.redis:
             self.redis.stop()
+
+    def dispose(self) -> None:
+        """Close the test's own connections (a PostgreSQL test database is dropped afterwards)."""
+        self.engine.dispose()
 
     @contextlib.contextmanager
     def running(self) -> Iterator["Service"]:

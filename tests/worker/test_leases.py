@@ -1,4 +1,4 @@
-"""LeaseKeeper against a real (migrated SQLite) database: holds are renewed, released ones and overlong ones not."""
+"""LeaseKeeper against a real migrated database (SQLite and PostgreSQL): holds are renewed, released ones and overlong ones not."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from cxr_triage.db.migrate import upgrade
 from cxr_triage.db.session import make_engine, make_session_factory
 from cxr_triage.db.tables import Instance
 from cxr_triage.worker.leases import LeaseKeeper
+from tests.databases import database
 
 T0 = datetime(2026, 11, 22, 8, 0, tzinfo=timezone.utc)
 
@@ -34,9 +35,13 @@ class _Clock:
         self.mono += seconds
 
 
-@pytest.fixture
-def claimed(tmp_path: Path):  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def claimed(request: pytest.FixtureRequest, tmp_path: Path):  # type: ignore[no-untyped-def]
+    with database(request.param, tmp_path) as url:
+        yield from _claimed(url)
+
+
+def _claimed(url: str):  # type: ignore[no-untyped-def]
     upgrade(url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)

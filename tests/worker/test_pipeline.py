@@ -1,4 +1,4 @@
-"""The worker's pipeline functions on real files, a real database and the real (demo) analyzer — no Celery.
+"""The worker's pipeline functions on real files, a real database (SQLite and PostgreSQL) and the real (demo) analyzer — no Celery.
 
 Covers the bad inputs that reach a worker: huge Rows x Columns claims (refused before decoding), multi-frame,
 colour, truncated files, and MONOCHROME1 vs MONOCHROME2 of the same pixels scoring the same."""
@@ -27,6 +27,7 @@ from cxr_triage.db.tables import Analysis, Instance
 from cxr_triage.models.analyzer import NotAnalysable, build_analyzer
 from cxr_triage.worker.batcher import MicroBatcher
 from cxr_triage.worker.pipeline import AnalysisDeps, analyze_instance
+from tests.databases import database
 from tests.dicomize import DICOM_FILES, nih_pngs, png_to_dx
 
 
@@ -68,9 +69,13 @@ def analyzer(demo_models_cache: Path):  # type: ignore[no-untyped-def]
     return build_analyzer(models_dir=demo_models_cache, demo=True, engine="onnxruntime", max_bytes=64 << 20)
 
 
-@pytest.fixture
-def env(tmp_path: Path, analyzer) -> Iterator[Env]:  # type: ignore[no-untyped-def]
-    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path, analyzer) -> Iterator[Env]:  # type: ignore[no-untyped-def]
+    with database(request.param, tmp_path) as url:
+        yield from _env(url, tmp_path, analyzer)
+
+
+def _env(url: str, tmp_path: Path, analyzer) -> Iterator[Env]:  # type: ignore[no-untyped-def]
     upgrade(url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)

@@ -1,5 +1,6 @@
-"""build_report on real spooled files and a real database: non-conformant, non-ASCII source headers still give a
-valid SR (dciodvfy) and no header value reaches a log; a permanently failing build is recorded, not retried."""
+"""build_report on real spooled files and a real database (SQLite and PostgreSQL): non-conformant, non-ASCII
+source headers still give a valid SR (dciodvfy) and no header value reaches a log; a permanently failing build is
+recorded, not retried."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from cxr_triage.worker.pipeline import (
     due_reports,
     fallback_algorithm_label,
 )
+from tests.databases import database
 from tests.dicomize import DICOM_FILES
 
 T0 = datetime(2026, 3, 2, 9, 0, tzinfo=timezone.utc)
@@ -107,9 +109,13 @@ class Env:
             return study
 
 
-@pytest.fixture
-def env(tmp_path: Path) -> Iterator[Env]:
-    url = f"sqlite:///{tmp_path / 'db.sqlite3'}"
+@pytest.fixture(params=["sqlite", "postgresql"])
+def env(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Env]:
+    with database(request.param, tmp_path) as url:
+        yield from _env(url, tmp_path)
+
+
+def _env(url: str, tmp_path: Path) -> Iterator[Env]:
     upgrade(url)
     engine = make_engine(url)
     sessions = make_session_factory(engine)
