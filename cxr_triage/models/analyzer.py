@@ -64,7 +64,7 @@ class ImageResult:
 
 class NotAnalysable(Exception):
     """The image cannot be analysed (permanent). ``reason``: image-too-large, multi-frame, no-pixel-data,
-    decode-failed, not-dicom, unsupported-format, missing-attributes, unreadable."""
+    decode-failed, not-dicom, unsupported-format, missing-attributes, unreadable, image-too-small."""
 
     def __init__(self, reason: str, message: str | None = None) -> None:
         self.reason = reason
