@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import importlib.util
+
 from pathlib import Path
 
 import numpy as np
@@ -120,10 +122,16 @@ def _cuda() -> bool:
         return False
 
 
+# The GPU tests run where the device is (``pytest -m gpu`` on a machine with CUDA, and TensorRT where named); on
+# CPU-only machines they are reported as skipped with the reason, never silently passed.
+needs_cuda = pytest.mark.skipif(not _cuda(), reason="CUDA not available")
+needs_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is None,
+                                    reason="TensorRT (python package tensorrt) not installed")
+
+
 @pytest.mark.gpu
+@needs_cuda
 def test_torch_cuda_matches_cpu(demo_models_dir: Path) -> None:
-    if not _cuda():
-        pytest.skip("CUDA not available")
     card = find_card(demo_models_dir, "demo-classifier")
     batch = _batch(card, REAL)
     cpu = TorchEngine(load_card_module(card), output_names=output_names_for(card)).run(batch)
@@ -132,11 +140,10 @@ def test_torch_cuda_matches_cpu(demo_models_dir: Path) -> None:
 
 
 @pytest.mark.gpu
+@needs_cuda
+@needs_tensorrt
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_tensorrt_matches_ort(demo_models_dir: Path, tmp_path: Path, precision: str) -> None:
-    pytest.importorskip("tensorrt")
-    if not _cuda():
-        pytest.skip("CUDA not available")
     from cxr_triage.models.engines import TensorRTEngine
     from cxr_triage.models.export import build_tensorrt_engine
 
@@ -166,14 +173,13 @@ def _strict_fp32():  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("mode", ["compile", "cuda_graphs"])
 @pytest.mark.parametrize("model", ["demo-classifier", "demo-detector"])
 def test_torch_cuda_compiled_matches_cpu_onnxruntime(demo_models_dir: Path, _strict_fp32: None, mode: str,
                                                      model: str) -> None:
     """torch.compile (inductor) and CUDA graphs (mode="reduce-overhead") on the GPU against the CPU ONNX Runtime
     session the worker runs without a GPU, on real radiographs."""
-    if not _cuda():
-        pytest.skip("CUDA not available")
     card = find_card(demo_models_dir, model)
     batch = _batch(card, REAL if model == "demo-classifier" else REAL[:2])
     ref = OrtEngine(card.onnx_path, intra_op_threads=2).run(batch)
@@ -190,10 +196,9 @@ def test_torch_cuda_compiled_matches_cpu_onnxruntime(demo_models_dir: Path, _str
 
 
 @pytest.mark.gpu
+@needs_cuda
 def test_torch_cuda_fp16_matches_cpu_onnxruntime(demo_models_dir: Path) -> None:
     """FP16 (half weights and inputs) on real images: probabilities within 1e-2 absolute of FP32 CPU."""
-    if not _cuda():
-        pytest.skip("CUDA not available")
     card = find_card(demo_models_dir, "demo-classifier")
     batch = _batch(card, REAL)
     ref = OrtEngine(card.onnx_path, intra_op_threads=2).run(batch)
@@ -218,11 +223,10 @@ def _calibration_folder(root: Path) -> Path:
 
 
 @pytest.mark.gpu
+@needs_cuda
+@needs_tensorrt
 def test_tensorrt_int8_with_calibration_runs(demo_models_dir: Path, tmp_path: Path) -> None:
     """INT8 build with entropy calibration on sample radiographs, then inference on real images."""
-    pytest.importorskip("tensorrt")
-    if not _cuda():
-        pytest.skip("CUDA not available")
     from cxr_triage.models.engines import TensorRTEngine
     from cxr_triage.models.export import build_tensorrt_engine, load_calibration_images
 
@@ -246,13 +250,12 @@ def test_tensorrt_int8_with_calibration_runs(demo_models_dir: Path, tmp_path: Pa
 
 
 @pytest.mark.gpu
+@needs_cuda
+@needs_tensorrt
 def test_worker_serves_the_plan_models_build_made_and_survives_a_corrupt_one(demo_models_dir: Path,
                                                                              tmp_path: Path) -> None:
     """`models build --precision int8 --max-batch 4` -> the analyzer's TensorRT engine is that very plan; a plan
     overwritten with garbage is rebuilt at start instead of stopping the worker."""
-    pytest.importorskip("tensorrt")
-    if not _cuda():
-        pytest.skip("CUDA not available")
     import shutil
     from dataclasses import replace
 
