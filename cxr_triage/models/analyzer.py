@@ -40,6 +40,16 @@ HEATMAP_SIZE = 16
 ALGORITHM_NAME = "cxr-triage pneumonia classifier + opacity detector"
 
 
+def algorithm_identity(model_version: str, demo: bool) -> tuple[str, str]:
+    """(name, version) of the algorithm as an SR names it: the demo mark in the name, the version cut to the
+    DICOM LO limit (64) with a digest of the rest so distinct versions stay distinct."""
+    name = ("UNTRAINED DEMO MODEL - " if demo else "") + ALGORITHM_NAME
+    version = model_version
+    if len(version) > 64:
+        version = version[:47] + "~" + hashlib.sha256(version.encode()).hexdigest()[:16]
+    return name, version
+
+
 @dataclass(frozen=True)
 class PreparedImage:
     key: str
@@ -152,11 +162,7 @@ class Analyzer:
         )
         self.demo: bool = any(c.demo for c in self.cards)
         self.model_version: str = "+".join(c.ref for c in self.cards)
-        self.algorithm_name: str = ("UNTRAINED DEMO MODEL - " if self.demo else "") + ALGORITHM_NAME
-        v = self.model_version
-        if len(v) > 64:  # DICOM LO limit for Algorithm Version
-            v = v[:47] + "~" + hashlib.sha256(v.encode()).hexdigest()[:16]
-        self.algorithm_version: str = v
+        self.algorithm_name, self.algorithm_version = algorithm_identity(self.model_version, self.demo)
         self.display_names: tuple[str, ...] = tuple(c.display_name or c.name for c in self.cards)
         self.engine_name: str = getattr(classifier_engine, "name", "?")
         labels = classifier_card.labels

@@ -7,7 +7,6 @@ deliver:          one outbox row -> C-STORE to its destination -> sent / retry l
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -185,14 +184,12 @@ class AlgorithmLabel:
 
 
 def fallback_algorithm_label(model_version: str, demo: bool) -> AlgorithmLabel:
-    """The label when the model cards of `model_version` are not at hand: the analyzer's own formula
-    (:class:`cxr_triage.models.analyzer.Analyzer`), so the demo mark is never lost."""
-    from cxr_triage.models.analyzer import ALGORITHM_NAME
+    """The label when the model cards of `model_version` are not at hand: the analyzer's own formula, so the
+    demo mark is never lost."""
+    from cxr_triage.models.analyzer import algorithm_identity
 
-    version = model_version
-    if len(version) > 64:  # as Analyzer.algorithm_version
-        version = version[:47] + "~" + hashlib.sha256(version.encode()).hexdigest()[:16]
-    return AlgorithmLabel(name=("UNTRAINED DEMO MODEL - " if demo else "") + ALGORITHM_NAME, version=version)
+    name, version = algorithm_identity(model_version, demo)
+    return AlgorithmLabel(name=name, version=version)
 
 
 @dataclass
