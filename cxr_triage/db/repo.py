@@ -338,14 +338,20 @@ def unfinished_instances(
     """Instances that should be in the queue but may not be: received/queued for longer than `grace`,
     or analysing with an expired lease (its worker died); with `requeue_after`, only those not (re)queued
     within it. Oldest first (by when they were last queued), at most `limit`."""
+    stmt = _unfinished_select(Instance.id, now=now, grace=grace, lease=lease, requeue_after=requeue_after,
+                              limit=limit)
+    return list(session.scalars(stmt))
+
+
+def _unfinished_select(entity: Any, *, now: datetime, grace: timedelta, lease: timedelta,
+                       requeue_after: timedelta | None, limit: int | None) -> Any:
+    """The reconciler's candidates, oldest first (by when they were last queued), at most ``limit``."""
     stmt = (
-        select(Instance.id)
+        select(entity)
         .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
         .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
     )
-    if limit is not None:
-        stmt = stmt.limit(limit)
-    return list(session.scalars(stmt))
+    return stmt if limit is None else stmt.limit(limit)
 
 
 def take_for_requeue(
@@ -355,13 +361,8 @@ def take_for_requeue(
     stamp them queued now (RECEIVED -> QUEUED; `queued_at` = now, so the next rounds skip them), commit, and
     return their ids for the caller to publish. Rows another transaction holds locked are skipped (PostgreSQL:
     SKIP LOCKED), so the reconciler never waits behind a worker's claim."""
-    stmt = (
-        select(Instance)
-        .where(_unfinished_filter(now=now, grace=grace, lease=lease, requeue_after=requeue_after))
-        .order_by(func.coalesce(Instance.queued_at, Instance.received_at), Instance.id)
-        .limit(limit)
-        .with_for_update(skip_locked=True)
-    )
+    stmt = _unfinished_select(Instance, now=now, grace=grace, lease=lease, requeue_after=requeue_after,
+                              limit=limit).with_for_update(skip_locked=True)
     rows = list(session.scalars(stmt))
     for inst in rows:
         inst.queued_at = now
