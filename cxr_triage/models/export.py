@@ -244,9 +244,6 @@ def calibration_digest(images: Sequence[np.ndarray] | None) -> str | None:
     return h.hexdigest()
 
 
-_calibration_digest = calibration_digest  # the name earlier code used
-
-
 def load_calibration_images(directory: str | Path, spec: Any, *, limit: int = CALIBRATION_LIMIT) -> list[np.ndarray]:
     """The INT8 calibration set of a folder: its first ``limit`` readable images (DICOM, PNG, JPEG) in file-name
     order, prepared per the card's input spec. ``models build`` and an INT8 rebuild in the worker both take the set
