@@ -141,13 +141,7 @@ def study_detail(session: Session, study: Study, *, include_phi: bool, models_di
             "columns": inst.columns,
             "image_url": f"/api/instances/{inst.id}/image",
             "attempts": inst.attempts,
-            "timings": {
-                "received_at": _iso(inst.received_at),
-                "queued_at": _iso(inst.queued_at),
-                "started_at": _iso(inst.started_at),
-                "inferred_at": _iso(inst.inferred_at),
-                "stored_at": _iso(inst.stored_at),
-            },
+            "timings": {name: _iso(value) for name, value in stamps.items()},
             "durations_s": durations,
             "analysis": None if a is None else {
                 "id": a.id,
