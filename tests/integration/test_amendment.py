@@ -18,7 +18,17 @@ pytestmark = pytest.mark.slow
 
 
 def _srs(out: Path) -> dict[str, pydicom.Dataset]:
-    return {str(ds.SOPInstanceUID): ds for ds in (pydicom.dcmread(p) for p in out.rglob("*") if p.is_file())}
+    """The SRs storescp stored, by SOP Instance UID; one it is still writing is left for the next poll."""
+    found: dict[str, pydicom.Dataset] = {}
+    for p in out.rglob("*"):
+        if not p.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(p)
+            found[str(ds.SOPInstanceUID)] = ds
+        except Exception:  # noqa: BLE001 -- a partial file fails in many ways; the next poll reads it whole
+            continue
+    return found
 
 
 def _referenced_images(sr: pydicom.Dataset) -> set[str]:

@@ -50,7 +50,17 @@ def dx_inputs(tmp_path: Path, n: int) -> list[Path]:
 
 
 def sr_studies(out: Path) -> Counter[str]:
-    return Counter(str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID) for p in out.rglob("*") if p.is_file())
+    """Study UID -> SR files storescp stored for it. A file storescp is still writing is not counted yet (the
+    callers poll; a file that never becomes readable keeps its study missing, so they time out and fail)."""
+    counts: Counter[str] = Counter()
+    for p in out.rglob("*"):
+        if not p.is_file():
+            continue
+        try:
+            counts[str(pydicom.dcmread(p, stop_before_pixels=True).StudyInstanceUID)] += 1
+        except Exception:  # noqa: BLE001 -- a partial file fails in many ways; the next poll reads it whole
+            continue
+    return counts
 
 
 def assert_nothing_lost(svc: Service, files: list[Path], pacs: Pacs) -> None:
